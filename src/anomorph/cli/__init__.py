@@ -1,0 +1,1 @@
+"""The ``anomorph`` command line: a thin layer over the Python API."""

@@ -1,0 +1,224 @@
+"""Run configuration: YAML files in ``configs/``, validated into dataclasses, with overrides.
+
+Overrides use dotted keys and YAML values, e.g. ``train.max_epochs=5`` or
+``model.channels=[16,32,64]``. Unknown keys and wrongly typed values are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how slices are made (see :class:`anomorph.data.SliceConfig`).
+
+    manifest: path to manifest.csv (relative paths resolve against the working directory).
+    size: model input side length in pixels. axis / slice_range / percentiles /
+    min_brain_fraction: as in SliceConfig. batch_size: slices per batch. num_workers:
+    DataLoader workers (0 = main process; slices are already in memory).
+    """
+
+    manifest: str = "phantom/manifest.csv"
+    size: int = 64
+    axis: int = -1
+    slice_range: list[int] | None = None
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+    min_brain_fraction: float = 0.05
+    batch_size: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Network architecture, passed to :func:`anomorph.networks.build_network`.
+
+    name: "ae", "vae" or "morphaeus". Other keys are that network's constructor arguments.
+    """
+
+    name: str = "ae"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the loss schedule (SPEC §3).
+
+    lr: Adam learning rate. max_epochs / max_steps: stopping limits (max_steps -1 = none).
+    ssim_weight: weight of (1 − SSIM) added to MSE. kl_weight: VAE KL weight.
+    warmup_epochs: epochs of reconstruction-only training before the registration terms start.
+    ncc_weight: weight of the local NCC term (9×9 window, ``ncc_window``).
+    beta_start / beta_end / beta_ramp_epochs: β on ‖∇v‖², ramped linearly after the warm-up.
+    bidirectional: also add NCC between x̂ and x warped by the inverse field.
+    early_stopping_patience: validation epochs without improvement before stopping (0 = off).
+    accelerator / devices / strategy / precision: passed to Lightning's Trainer.
+    """
+
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_epochs: int = 20
+    max_steps: int = -1
+    ssim_weight: float = 1.0
+    kl_weight: float = 1e-3
+    warmup_epochs: int = 5
+    ncc_weight: float = 1.0
+    ncc_window: int = 9
+    beta_start: float = 1e-3
+    beta_end: float = 3.0
+    beta_ramp_epochs: int = 10
+    bidirectional: bool = False
+    early_stopping_patience: int = 0
+    check_val_every_n_epoch: int = 1
+    limit_train_batches: float | int = 1.0
+    accelerator: str = "auto"
+    devices: str | int | list[int] = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run: ``seed`` fixes data order, initialisation and dropout."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _check_type(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not {annotation}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _from_dict(annotation, value, key)
+    return value
+
+
+def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown key(s) {unknown} at {where}; allowed: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _check_type(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict (e.g. parsed YAML) into a :class:`RunConfig`."""
+    return _from_dict(RunConfig, data)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place.
+
+    ``model.<key>`` is shorthand for ``model.options.<key>`` when ``<key>`` is not ``name``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_epochs=5")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) >= 2 and parts[0] == "model" and parts[1] not in ("name", "options"):
+            parts.insert(1, "options")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    apply_overrides(data, overrides or [])
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    from .data.io import atomic_write
+
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,153 @@
+"""Load image files (NIfTI, PNG, JPG) into canonical float32 arrays with clear errors.
+
+Every image becomes a 3D array ``(X, Y, Z)``: NIfTI volumes are reoriented to the closest
+canonical (RAS+) orientation first; 2D NIfTI and PNG/JPG images become ``(H, W, 1)`` so that
+slicing along the last axis yields the image itself. Writing results back inverts this exactly
+(:func:`to_source_orientation`).
+
+Conversions (documented, not errors): 16-bit PNG → float intensities as stored; RGB/RGBA PNG or
+JPG → grayscale by ITU-R 601 luma (PIL ``convert("L")``) unless all colour channels are equal,
+in which case one channel is used; a trailing singleton 4th NIfTI dimension is dropped.
+Rejected: 4D volumes with more than one frame, empty (zero-size) images, non-finite voxels,
+unreadable or truncated files.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import DataError
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The on-disk geometry of a loaded image.
+
+    ``affine`` is the original 4×4 voxel-to-world matrix (mm; identity for PNG/JPG),
+    ``source_shape`` the on-disk array shape, ``orientation`` the nibabel orientation array
+    (``io_orientation``) of the original affine, ``is_2d`` True for PNG/JPG and 2D NIfTI.
+    """
+
+    path: str
+    affine: np.ndarray
+    source_shape: tuple[int, ...]
+    orientation: np.ndarray
+    is_2d: bool
+    kind: str  # "nifti" or "raster"
+
+
+def is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    import nibabel as nib
+    from nibabel.orientations import io_orientation
+
+    img = nib.load(str(path))
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+        shape = shape[:3]
+    if len(shape) not in (2, 3):
+        raise DataError(f"expected a 2D or 3D image, got shape {shape} (a 4D series is not supported)")
+    if min(shape) == 0:
+        raise DataError(f"empty image (shape {shape})")
+    if len(shape) == 2:
+        data = np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
+        geometry = ImageGeometry(str(path), np.asarray(img.affine, float), shape,
+                                 np.array([[0, 1], [1, 1]], float), True, "nifti")
+        return data, geometry
+    orientation = io_orientation(img.affine)
+    canonical = nib.as_closest_canonical(img)
+    data = np.asarray(canonical.dataobj, dtype=np.float32)
+    geometry = ImageGeometry(str(path), np.asarray(img.affine, float), shape, orientation, False, "nifti")
+    return data, geometry
+
+
+def _load_raster(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    from PIL import Image
+
+    with Image.open(path) as pil:
+        pil.load()
+        mode = pil.mode
+        if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
+            rgb = np.asarray(pil.convert("RGB"))
+            if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+                data = rgb[..., 0].astype(np.float32)
+            else:
+                data = np.asarray(pil.convert("L"), dtype=np.float32)
+        else:  # "L", "I", "I;16", "F", "1"
+            data = np.asarray(pil, dtype=np.float32)
+    if data.ndim != 2 or data.size == 0:
+        raise DataError(f"expected a non-empty 2D image, got shape {data.shape}")
+    geometry = ImageGeometry(str(path), np.eye(4), tuple(data.shape), np.array([[0, 1], [1, 1]], float), True, "raster")
+    return data[:, :, None], geometry
+
+
+def load_image(path: Path, where: str = "") -> tuple[np.ndarray, ImageGeometry]:
+    """Load ``path`` as a canonical float32 ``(X, Y, Z)`` array and its geometry.
+
+    ``where`` (e.g. "manifest.csv: row 3, field 'image'") prefixes every error message.
+    Raises :class:`DataError` for unreadable, truncated, empty, 4D or non-finite images.
+    """
+    prefix = f"{where}, file {path}" if where else f"file {path}"
+    if not path.is_file():
+        raise DataError(f"{prefix}: file not found")
+    try:
+        data, geometry = _load_nifti(path) if is_nifti(path) else _load_raster(path)
+    except DataError as err:
+        raise DataError(f"{prefix}: {err}") from err
+    except Exception as err:  # nibabel/PIL/gzip raise many types for corrupt files
+        raise DataError(f"{prefix}: cannot read ({type(err).__name__}: {err})") from err
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise DataError(f"{prefix}: {int((~finite).sum())} non-finite voxel(s) (NaN or inf)")
+    return data, geometry
+
+
+def to_source_orientation(canonical: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """Map a canonical ``(X, Y, Z)`` array back onto the image's on-disk array layout."""
+    if geometry.is_2d:
+        return canonical[:, :, 0]
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    to_source = ornt_transform(axcodes2ornt(("R", "A", "S")), geometry.orientation)
+    return np.ascontiguousarray(apply_orientation(canonical, to_source))
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file.
+
+    The temporary name keeps ``path``'s full suffix (``.nii.gz`` stays gzip for nibabel).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return path
+
+
+def save_like(array: np.ndarray, geometry: ImageGeometry, path: Path) -> Path:
+    """Write a canonical-layout ``(X, Y, Z)`` array as NIfTI onto the source grid of ``geometry``.
+
+    The output has the source's array layout and affine, so it overlays on the input in
+    ITK-SNAP / FSLeyes (raster sources get an identity affine).
+    """
+    import nibabel as nib
+
+    source = to_source_orientation(array, geometry).astype(np.float32)
+    image = nib.Nifti1Image(source, geometry.affine)
+    return atomic_write(Path(path), lambda tmp: nib.save(image, str(tmp)))

@@ -1,0 +1,250 @@
+"""2D slice datasets built from a manifest (SPEC §2), decoded once and kept in memory.
+
+Pipeline per manifest row: load canonical volume (:mod:`anomorph.data.io`) → brain mask (from
+the manifest or derived) → robust intensity normalisation to [0, 1] (percentiles inside the
+brain mask; the healthy counterpart uses the *same* linear map so ``|x − healthy|`` is
+meaningful) → slices along ``axis`` over ``slice_range`` → zero-pad to a square → resize to
+``size × size`` (bilinear with antialiasing for intensities, area + 0.5 threshold for masks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from .io import ImageGeometry, load_image
+from .manifest import DataError, ManifestRow, read_manifest
+from .types import SliceGeometry, SliceSample
+
+
+@dataclass
+class SliceConfig:
+    """How volumes become 2D training/evaluation slices.
+
+    axis: canonical (RAS+) axis to slice along; -1/2 = axial (the default).
+    slice_range: ``[start, stop)`` slice indices in the canonical volume, or None for all.
+    size: output side length in pixels (slices are zero-padded to a square, then resized).
+    percentiles: lower/upper intensity percentiles inside the brain mask mapped to 0 and 1.
+    min_brain_fraction: slices whose brain mask covers less than this fraction of the
+        slice are dropped (0 keeps every slice).
+    """
+
+    axis: int = -1
+    slice_range: tuple[int, int] | None = None
+    size: int = 128
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    min_brain_fraction: float = 0.05
+
+
+def derive_brain_mask(volume: np.ndarray) -> np.ndarray:
+    """Foreground mask of a canonical volume: smoothed intensity above 10% of its 99th
+    percentile, holes filled per slice, largest connected component. Returns bool (X, Y, Z)."""
+    smooth = ndimage.gaussian_filter(volume.astype(np.float32), sigma=1.0)
+    positive = smooth[smooth > 0]
+    if positive.size == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    mask = smooth > 0.1 * np.percentile(positive, 99)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    for z in range(mask.shape[2]):
+        mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+    return mask
+
+
+def normalisation_range(volume: np.ndarray, brain: np.ndarray, percentiles: Sequence[float]) -> tuple[float, float]:
+    """Intensities at the given percentiles inside the brain mask (whole image if empty)."""
+    values = volume[brain] if brain.any() else volume.ravel()
+    lo, hi = np.percentile(values, percentiles)
+    if not hi > lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def normalise(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map of ``[lo, hi]`` to ``[0, 1]``, clipped. float32."""
+    return np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def pad_to_square(slices: torch.Tensor) -> torch.Tensor:
+    """Zero-pad ``(N, C, H, W)`` symmetrically (extra pixel at the end) to ``(N, C, S, S)``."""
+    h, w = slices.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(slices, (left, side - w - left, top, side - h - top))
+
+
+def to_model_grid(slices: torch.Tensor, size: int, is_mask: bool = False) -> torch.Tensor:
+    """``(N, C, H, W)`` source slices → ``(N, C, size, size)`` model grid (pad + resize)."""
+    square = pad_to_square(slices)
+    if square.shape[-1] == size:
+        return square.contiguous()
+    if is_mask:
+        return (F.interpolate(square, size=(size, size), mode="area") >= 0.5).float()
+    return F.interpolate(square, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
+def to_source_grid(maps: torch.Tensor, source_shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`to_model_grid` for ``(N, C, S, S)`` maps: resize to the padded square
+    of the source and crop the padding away → ``(N, C, H, W)``."""
+    h, w = source_shape
+    side = max(h, w)
+    if maps.shape[-1] != side:
+        maps = F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)
+    top, left = (side - h) // 2, (side - w) // 2
+    return maps[..., top:top + h, left:left + w]
+
+
+@dataclass
+class LoadedSubject:
+    """A manifest row decoded into canonical, normalised arrays (all (X, Y, Z))."""
+
+    row: ManifestRow
+    image: np.ndarray
+    mask: np.ndarray
+    brain_mask: np.ndarray
+    healthy: np.ndarray | None
+    geometry: ImageGeometry
+    intensity_range: tuple[float, float]
+    raw_range: tuple[float, float]
+
+
+def load_subject(row: ManifestRow, manifest: Path | str, percentiles: Sequence[float] = (1.0, 99.0)) -> LoadedSubject:
+    """Load and normalise one manifest row; errors name the manifest row, field and file."""
+    image, geometry = load_image(row.image, row.where(manifest, "image"))
+
+    def companion(field_name: str, path: Path | None) -> np.ndarray | None:
+        if path is None:
+            return None
+        data, _ = load_image(path, row.where(manifest, field_name))
+        if data.shape != image.shape:
+            raise DataError(
+                f"{row.where(manifest, field_name, path)}: grid {data.shape} differs from the image grid "
+                f"{image.shape} ({row.image})"
+            )
+        return data
+
+    mask = companion("mask", row.mask)
+    brain = companion("brain_mask", row.brain_mask)
+    healthy = companion("healthy", row.healthy)
+    brain_mask = brain > 0 if brain is not None else derive_brain_mask(image)
+    lo, hi = normalisation_range(image, brain_mask, percentiles)
+    return LoadedSubject(
+        row=row,
+        image=normalise(image, lo, hi),
+        mask=(mask > 0) if mask is not None else np.zeros(image.shape, dtype=bool),
+        brain_mask=brain_mask,
+        healthy=normalise(healthy, lo, hi) if healthy is not None else None,
+        geometry=geometry,
+        intensity_range=(lo, hi),
+        raw_range=(float(image.min()), float(image.max())),
+    )
+
+
+def _slice_indices(shape: tuple[int, ...], axis: int, slice_range: tuple[int, int] | None) -> range:
+    n = shape[axis]
+    if slice_range is None:
+        return range(n)
+    start, stop = slice_range
+    return range(max(0, start), min(n, stop))
+
+
+def _take(volume: np.ndarray, axis: int, indices: Sequence[int]) -> torch.Tensor:
+    """Slices of a 3D array along ``axis`` as ``(N, 1, H, W)`` float32 tensor."""
+    moved = np.moveaxis(volume, axis, 0)[list(indices)]
+    return torch.from_numpy(np.ascontiguousarray(moved, dtype=np.float32)).unsqueeze(1)
+
+
+class SliceDataset(Dataset):
+    """In-memory 2D slices of the manifest rows in ``splits``.
+
+    ``healthy_only`` drops slices whose mask is non-empty (and slices of rows labelled 1 with no
+    mask) — SPEC §2's rule for training. Items are :class:`SliceSample`; collate with
+    :func:`anomorph.data.types.collate_slices`.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        splits: Iterable[str] = ("train",),
+        config: SliceConfig | None = None,
+        healthy_only: bool = False,
+        rows: list[ManifestRow] | None = None,
+    ) -> None:
+        self.manifest = Path(manifest)
+        self.config = config or SliceConfig()
+        self.splits = tuple(splits)
+        all_rows = rows if rows is not None else read_manifest(self.manifest)
+        self.rows = [r for r in all_rows if r.split in self.splits]
+        if not self.rows:
+            raise DataError(f"{self.manifest}: no rows in split(s) {self.splits}")
+        self.healthy_only = healthy_only
+        self.subjects: dict[int, LoadedSubject] = {}
+        images, masks, brains, healthies, has_healthy = [], [], [], [], []
+        self.meta: list[tuple[ManifestRow, SliceGeometry, int]] = []
+        cfg = self.config
+        for row in self.rows:
+            subject = load_subject(row, self.manifest, cfg.percentiles)
+            self.subjects[row.row] = subject
+            axis = cfg.axis if not subject.geometry.is_2d else 2
+            indices = list(_slice_indices(subject.image.shape, axis, None if subject.geometry.is_2d else cfg.slice_range))
+            if not indices:
+                continue
+            brain = _take(subject.brain_mask, axis, indices)
+            mask = _take(subject.mask, axis, indices)
+            keep = brain.flatten(1).mean(1) >= cfg.min_brain_fraction
+            abnormal = mask.flatten(1).amax(1) > 0
+            if row.label == 1 and row.mask is None:
+                abnormal = torch.ones_like(abnormal)
+            if healthy_only:
+                keep &= ~abnormal
+            kept = [i for i, k in zip(indices, keep.tolist()) if k]
+            if not kept:
+                continue
+            sel = keep.nonzero().flatten()
+            source_shape = tuple(int(s) for s in brain.shape[-2:])
+            images.append(to_model_grid(_take(subject.image, axis, kept), cfg.size))
+            masks.append(to_model_grid(mask[sel], cfg.size, is_mask=True))
+            brains.append(to_model_grid(brain[sel], cfg.size, is_mask=True))
+            if subject.healthy is not None:
+                healthies.append(to_model_grid(_take(subject.healthy, axis, kept), cfg.size))
+            else:
+                healthies.append(torch.zeros_like(images[-1]))
+            has_healthy.extend([subject.healthy is not None] * len(kept))
+            for slice_index, is_abnormal in zip(kept, abnormal[sel].tolist()):
+                geometry = SliceGeometry(row.row, str(row.image), source_shape, axis % 3, slice_index)
+                self.meta.append((row, geometry, int(is_abnormal)))
+        if not self.meta:
+            raise DataError(f"{self.manifest}: no usable slices in split(s) {self.splits}")
+        self.images = torch.cat(images)
+        self.masks = torch.cat(masks)
+        self.brain_masks = torch.cat(brains)
+        self.healthy = torch.cat(healthies)
+        self.has_healthy = torch.tensor(has_healthy)
+        # labels come from the mask on the source grid, so resizing cannot hide a small lesion
+        self.labels = torch.tensor([m[2] for m in self.meta], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __getitem__(self, index: int) -> SliceSample:
+        row, geometry, label = self.meta[index]
+        return SliceSample(
+            image=self.images[index],
+            mask=self.masks[index],
+            brain_mask=self.brain_masks[index],
+            healthy=self.healthy[index] if self.has_healthy[index] else None,
+            label=label,
+            subject=row.subject,
+            lesion_type=row.lesion_type,
+            split=row.split,
+            geometry=geometry,
+        )
