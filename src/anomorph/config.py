@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the file and the key."""
+
 
 
 @dataclass

@@ -121,6 +121,10 @@ def to_source_orientation(canonical: np.ndarray, geometry: ImageGeometry) -> np.
     return np.ascontiguousarray(apply_orientation(canonical, to_source))
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file.
 
@@ -133,6 +137,7 @@ def atomic_write(path: Path, write) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -10,14 +10,14 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
+
 REQUIRED_COLUMNS = ("image", "split")
 OPTIONAL_COLUMNS = ("mask", "brain_mask", "healthy", "label", "subject", "lesion_type")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg")
 
 
-class DataError(ValueError):
-    """Bad input data. The message names the manifest, the row and the file when known."""
 
 
 @dataclass(frozen=True)
