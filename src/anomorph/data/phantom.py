@@ -41,7 +41,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _TEMPLATE_MARGIN_MM = 30.0     # template slab kept around the output slab (covers all warps)
 _VENTRICLE_SMOOTHING_MM = 4.0  # width of the ventricle dilation profile
-_MIN_MASK_WEIGHT = 0.01        # lesion weights below this are cut to 0 (mask = weight > 0)
+_MIN_MASK_WEIGHT = 0.2         # lesion weights below this are cut to 0 (mask = weight > 0)
 _MAX_LESION_ATTEMPTS = 40
 
 
@@ -643,9 +643,9 @@ def _make_lesion(kind: str, config: PhantomConfig, grid: _Grid, atlas: _Atlas,
                                           brain & (depth >= 0.3 * radius), brain])
         blob = _blob(config, grid, center, radius, rng)
         if blob is not None:
-            base = levels.csf_level + rng.uniform(0.4, 0.7) * (levels.gm_level - levels.csf_level)
+            base = levels.csf_level + rng.uniform(0.2, 0.45) * (levels.gm_level - levels.csf_level)
             core_radius = rng.uniform(0.35, 0.6)
-            rim_level = levels.wm_level * rng.uniform(0.9, 1.05)
+            rim_level = levels.wm_level * rng.uniform(1.12, 1.25)  # brighter than WM: visible everywhere
             values = base * (1.0 + 0.12 * texture[blob.box])
             core = _smoothstep((core_radius - blob.radius) / 0.15)
             values = values + core * (0.9 * levels.csf_level - values)
