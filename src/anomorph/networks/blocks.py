@@ -1,0 +1,252 @@
+"""Dimension-agnostic convolutional building blocks.
+
+Every block takes ``spatial_dims`` (2 or 3) and works on tensors shaped
+``(B, C, *spatial)``. Normalisation, activation and dropout are chosen by name so a whole
+network can be configured from a YAML file.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NORM_NAMES = ("batch", "instance", "group")
+ACTIVATION_NAMES = ("relu", "leakyrelu", "silu", "swish", "gelu", "elu", "prelu", "tanh")
+
+
+def conv_type(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
+    """``nn.Conv{n}d`` (or ``nn.ConvTranspose{n}d``) for ``spatial_dims`` in {1, 2, 3}."""
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+    if transposed:
+        return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+
+
+def interpolation_mode(spatial_dims: int) -> str:
+    """The linear ``F.interpolate`` mode for ``spatial_dims``: linear / bilinear / trilinear."""
+    return ("linear", "bilinear", "trilinear")[spatial_dims - 1]
+
+
+def group_count(channels: int, max_groups: int = 8) -> int:
+    """Largest divisor of ``channels`` that is at most ``max_groups`` (the GroupNorm group count)."""
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+
+
+def make_norm(norm: str | None, channels: int, spatial_dims: int) -> nn.Module | None:
+    """Normalisation layer by name: ``"batch"``, ``"instance"`` (affine), ``"group"`` or None."""
+    if norm is None or norm == "none":
+        return None
+    name = norm.lower()
+    if name == "batch":
+        return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims - 1](channels)
+    if name == "instance":
+        return (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1](channels, affine=True)
+    if name == "group":
+        return nn.GroupNorm(group_count(channels), channels)
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_NAMES} or None")
+
+
+def make_activation(act: str | None) -> nn.Module | None:
+    """Activation layer by name (see :data:`ACTIVATION_NAMES`); leaky ReLU uses slope 0.2."""
+    if act is None or act == "none":
+        return None
+    name = act.lower()
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "leakyrelu":
+        return nn.LeakyReLU(0.2, inplace=True)
+    if name in ("silu", "swish"):
+        return nn.SiLU(inplace=True)
+    if name == "gelu":
+        return nn.GELU()
+    if name == "elu":
+        return nn.ELU(inplace=True)
+    if name == "prelu":
+        return nn.PReLU()
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATION_NAMES} or None")
+
+
+def check_dropout(dropout: float) -> float:
+    """Validate a dropout probability in [0, 1)."""
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def downsample_geometry(stride: int) -> tuple[int, int]:
+    """(kernel_size, padding) of a conv that divides a size divisible by ``stride`` exactly by it."""
+    if stride == 1:
+        return 3, 1
+    if stride % 2 == 0:
+        return stride + 1, stride // 2
+    return stride, 0
+
+
+def upsample_geometry(stride: int) -> tuple[int, int]:
+    """(kernel_size, padding) of a transposed conv that multiplies a size exactly by ``stride``."""
+    if stride == 1:
+        return 3, 1
+    padding = stride // 2
+    return stride + 2 * padding, padding
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution -> normalisation -> dropout -> activation (MONAI's "NDA" order).
+
+    ``transposed=True`` uses a transposed convolution that multiplies the spatial size by
+    ``stride``; otherwise the spatial size is divided by ``stride`` (it must divide it).
+    The convolution has a bias only when there is no normalisation.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        kernel_size: int | None = None,
+        norm: str | None = "batch",
+        act: str | None = "leakyrelu",
+        dropout: float = 0.0,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        geometry = upsample_geometry(stride) if transposed else downsample_geometry(stride)
+        if kernel_size is None:
+            kernel_size, padding = geometry
+        else:
+            if stride != 1:
+                raise ValueError("an explicit kernel_size is only supported with stride 1")
+            padding = kernel_size // 2
+        norm_layer = make_norm(norm, out_channels, spatial_dims)
+        self.add_module(
+            "conv",
+            conv_type(spatial_dims, transposed)(
+                in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=norm_layer is None
+            ),
+        )
+        if norm_layer is not None:
+            self.add_module("norm", norm_layer)
+        if check_dropout(dropout) > 0:
+            self.add_module("dropout", nn.Dropout(dropout))
+        act_layer = make_activation(act)
+        if act_layer is not None:
+            self.add_module("act", act_layer)
+
+
+class ResidualBlock(nn.Module):
+    """``act(x + norm(conv(drop(act(norm(conv(x)))))))`` with 3^d kernels; keeps shape and channels."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        norm: str | None = "batch",
+        act: str | None = "leakyrelu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.first = ConvNormAct(spatial_dims, channels, channels, norm=norm, act=act, dropout=dropout)
+        self.second = ConvNormAct(spatial_dims, channels, channels, norm=norm, act=None)
+        self.act = make_activation(act) or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.second(self.first(x)))
+
+
+class EncoderStage(nn.Sequential):
+    """A strided ``ConvNormAct`` (divides the size by ``stride``) then ``num_res_units`` residual blocks."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        num_res_units: int,
+        norm: str | None,
+        act: str | None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.add_module("down", ConvNormAct(spatial_dims, in_channels, out_channels, stride, norm=norm, act=act))
+        for index in range(num_res_units):
+            self.add_module(f"res{index}", ResidualBlock(spatial_dims, out_channels, norm, act, dropout))
+
+
+class DecoderStage(nn.Sequential):
+    """A transposed ``ConvNormAct`` (multiplies the size by ``stride``) then residual blocks.
+
+    Dropout (if > 0) is applied after the normalisation of every convolution of the stage,
+    so Monte-Carlo dropout can be switched on at inference with
+    :func:`anomorph.networks.enable_mc_dropout`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        num_res_units: int,
+        norm: str | None,
+        act: str | None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.add_module(
+            "up",
+            ConvNormAct(
+                spatial_dims, in_channels, out_channels, stride, norm=norm, act=act, dropout=dropout, transposed=True
+            ),
+        )
+        for index in range(num_res_units):
+            self.add_module(f"res{index}", ResidualBlock(spatial_dims, out_channels, norm, act, dropout))
+
+
+def resize_to(features: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Linearly resample ``(B, C, *spatial)`` features to ``spatial_shape`` (no-op when equal)."""
+    if tuple(features.shape[2:]) == tuple(spatial_shape):
+        return features
+    mode = interpolation_mode(features.ndim - 2)
+    return F.interpolate(features, size=tuple(spatial_shape), mode=mode, align_corners=False)
+
+
+def bottleneck_shape(image_size: Sequence[int], strides: Sequence[int]) -> tuple[int, ...]:
+    """Spatial shape after the encoder; raises if a size is not divisible by the total stride."""
+    total = math.prod(int(s) for s in strides)
+    for size in image_size:
+        if size % total != 0:
+            raise ValueError(f"image size {tuple(image_size)} is not divisible by the total stride {total}")
+    return tuple(int(size) // total for size in image_size)
+
+
+def enable_mc_dropout(module: nn.Module) -> int:
+    """Put only the dropout layers of ``module`` in training mode (Monte-Carlo dropout).
+
+    Call after ``module.eval()``: normalisation layers keep their running statistics and
+    only dropout becomes stochastic. Returns the number of dropout layers switched on
+    (0 means the network has no dropout and MC sampling would return identical outputs).
+    """
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            layer.train()
+            count += 1
+    return count
+
+
+def disable_mc_dropout(module: nn.Module) -> int:
+    """Put the dropout layers of ``module`` back in eval mode; returns how many there are."""
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            layer.eval()
+            count += 1
+    return count

@@ -1,0 +1,249 @@
+"""Velocity fields, their integration into deformations, warping and the Jacobian determinant.
+
+Conventions, shared by every function and class here and by MONAI's ``Warp``/``DVF2DDF``:
+
+- Velocity fields v and dense displacement fields (DDF) d are ``(B, spatial_dims, *spatial)``
+  tensors in **pixels** (voxels in 3D), not normalised [-1, 1] coordinates.
+- Channel k is the component along spatial axis k of the tensor: in 2D channel 0 moves along
+  rows (H, the first spatial axis) and channel 1 along columns (W).
+- Warping pulls: ``warp(image, d)(p) = image(p + d(p))`` with (bi/tri)linear interpolation,
+  i.e. ``image ∘ φ`` with ``φ(p) = p + d(p)``.
+- φ = exp(v) is computed by scaling and squaring: ``d = v / 2**steps``, then ``steps`` times
+  ``d <- d + warp(d, d)`` (MONAI ``DVF2DDF``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from monai.networks.blocks import DVF2DDF, Warp
+from torch import nn
+
+from anomorph.networks.blocks import ConvNormAct, conv_type, resize_to
+
+PADDING_MODES = ("border", "zeros", "reflection")
+
+
+class PixelWarp(Warp):
+    """MONAI ``Warp`` whose cached reference grid follows the DDF's device and dtype.
+
+    ``forward(image, ddf)``: image ``(B, C, *spatial)``, ddf ``(B, spatial_dims, *spatial)``
+    in **pixels**, channel k along spatial axis k; returns ``image(p + ddf(p))``.
+    ``padding_mode`` ("border" | "zeros" | "reflection") sets the values sampled outside.
+    """
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "border") -> None:
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+            super().__init__(mode=mode, padding_mode=padding_mode)
+
+    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+        if self.ref_grid is not None and (self.ref_grid.device != ddf.device or self.ref_grid.dtype != ddf.dtype):
+            self.ref_grid = None
+        return super().get_reference_grid(ddf, jitter=jitter, seed=seed)
+
+
+class VelocityIntegrator(DVF2DDF):
+    """exp(v) by scaling and squaring (MONAI ``DVF2DDF``) with a device/dtype-safe warp.
+
+    ``forward(velocity)``: stationary velocity ``(B, spatial_dims, *spatial)`` in **pixels**
+    -> DDF d = φ − id of the same shape, in pixels, channel k along spatial axis k.
+    ``num_steps=0`` skips integration (d = v). ``padding_mode`` is how the displacement is
+    extrapolated outside the grid during composition; "border" keeps a constant field exact
+    up to the edge (MONAI's default, "zeros", pulls displacements to 0 near the edge).
+    """
+
+    def __init__(self, num_steps: int = 7, mode: str = "bilinear", padding_mode: str = "border") -> None:
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+            super().__init__(num_steps=max(num_steps, 1), mode=mode, padding_mode=padding_mode)
+        self.num_steps = num_steps
+        self.warp_layer = PixelWarp(mode=mode, padding_mode=padding_mode)
+
+    def forward(self, dvf: torch.Tensor) -> torch.Tensor:
+        if self.num_steps == 0:
+            return dvf
+        return super().forward(dvf)
+
+
+def integrate_velocity(
+    velocity: torch.Tensor, steps: int = 7, padding_mode: str = "border"
+) -> torch.Tensor:
+    """DDF ``(B, D, *spatial)`` in pixels = exp(velocity), velocity in pixels; see :class:`VelocityIntegrator`."""
+    return VelocityIntegrator(steps, padding_mode=padding_mode)(velocity)
+
+
+def warp(
+    image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """``image(p + displacement(p))``: image ``(B, C, *spatial)``, displacement ``(B, D, *spatial)`` in pixels."""
+    return PixelWarp(mode=mode, padding_mode=padding_mode)(image, displacement)
+
+
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """det J of φ(p) = p + d(p) for a DDF ``(B, D, *spatial)`` in **pixels**; returns ``(B, 1, *spatial)``.
+
+    Derivatives are central differences with a 1-pixel spacing (one-sided at the border).
+    1 = volume preserved, < 1 compression, <= 0 folding.
+    """
+    spatial_dims = displacement.ndim - 2
+    if displacement.shape[1] != spatial_dims:
+        raise ValueError(
+            f"displacement must have {spatial_dims} channels for {spatial_dims} spatial dims, got {displacement.shape}"
+        )
+    axes = list(range(2, displacement.ndim))
+    # gradients[j][:, i] = d(d_i) / d(axis j)
+    gradients = torch.gradient(displacement, dim=axes)
+    if spatial_dims == 2:
+        a = 1 + gradients[0][:, 0]
+        b = gradients[1][:, 0]
+        c = gradients[0][:, 1]
+        d = 1 + gradients[1][:, 1]
+        return (a * d - b * c).unsqueeze(1)
+    jacobian = torch.stack(gradients, dim=-1)  # (B, D_i, *spatial, D_j)
+    jacobian = jacobian.movedim(1, -2)  # (B, *spatial, D_i, D_j)
+    jacobian = jacobian + torch.eye(spatial_dims, dtype=jacobian.dtype, device=jacobian.device)
+    return torch.linalg.det(jacobian).unsqueeze(1)
+
+
+def feature_level(image_size: Sequence[int], feature_size: Sequence[int], downsample: int, levels: int) -> int:
+    """Head level (resolution ``image_size / 2**(level + downsample)``) nearest to ``feature_size``."""
+    ratio = image_size[0] / feature_size[0]
+    return int(min(max(round(math.log2(ratio)) - downsample, 0), levels - 1))
+
+
+class VelocityHead(nn.Module):
+    """Small U-Net predicting a stationary velocity field, in full-resolution **pixels**.
+
+    Level ``l`` of the U-Net works at ``image_size / 2**(l + downsample)`` with
+    ``channels[l]`` features. Inputs:
+
+    - the image pair (x, x̂) when ``use_pair`` and ``guidance_channels`` guidance maps
+      (e.g. an anomaly probability m in [0, 1]), concatenated at full resolution and entering
+      level 0 through a stem convolution of stride ``2**downsample``;
+    - decoder feature maps, ``feature_channels[i]`` wide, each concatenated into the
+      convolution of head level ``feature_levels[i]`` (resized linearly if its size differs).
+
+    The velocity is predicted at level 0 and, when ``downsample > 0``, resized linearly to the
+    full resolution (values are already in full-resolution pixels, so they are not rescaled).
+    The last convolution starts with N(0, ``init_std``²) weights and zero bias, so training
+    starts near the identity warp. The image size must be divisible by
+    ``2 ** (len(channels) - 1 + downsample)``.
+
+    ``forward(image, prior, guidance=None, features=())`` returns
+    ``(B, spatial_dims, *spatial)``, channel k along spatial axis k.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        image_channels: int = 1,
+        guidance_channels: int = 0,
+        feature_channels: Sequence[int] = (),
+        feature_levels: Sequence[int] = (),
+        use_pair: bool = True,
+        channels: Sequence[int] = (32, 32, 64),
+        downsample: int = 1,
+        norm: str | None = None,
+        act: str | None = "leakyrelu",
+        init_std: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        levels = len(channels)
+        if not channels:
+            raise ValueError("head channels must not be empty")
+        if len(feature_channels) != len(feature_levels):
+            raise ValueError("feature_channels and feature_levels must have the same length")
+        if any(not 0 <= level < levels for level in feature_levels):
+            raise ValueError(f"feature_levels {tuple(feature_levels)} must lie in [0, {levels - 1}]")
+        if downsample < 0:
+            raise ValueError(f"downsample must be >= 0, got {downsample}")
+        self.spatial_dims = spatial_dims
+        self.use_pair = use_pair
+        self.guidance_channels = guidance_channels
+        self.downsample = downsample
+        self.feature_levels = tuple(int(level) for level in feature_levels)
+        stem_inputs = (2 * image_channels if use_pair else 0) + guidance_channels
+        if stem_inputs == 0 and not feature_channels:
+            raise ValueError("the velocity head needs the image pair, guidance or decoder features as input")
+        conv = conv_type(spatial_dims)
+
+        self.stem = (
+            ConvNormAct(spatial_dims, stem_inputs, channels[0], stride=2**downsample, norm=norm, act=act)
+            if stem_inputs
+            else None
+        )
+        # Per level: an optional entry (stem or stride-2 down conv) then a block conv that also
+        # fuses that level's decoder features. A level with no input at all stays empty.
+        self.down = nn.ModuleDict()
+        self.blocks = nn.ModuleDict()
+        has_entry = self.stem is not None
+        for level in range(levels):
+            if level > 0 and has_entry:
+                self.down[str(level)] = ConvNormAct(
+                    spatial_dims, channels[level - 1], channels[level], stride=2, norm=norm, act=act
+                )
+            fused = sum(c for c, lv in zip(feature_channels, self.feature_levels) if lv == level)
+            block_inputs = (channels[level] if has_entry else 0) + fused
+            if block_inputs:
+                self.blocks[str(level)] = ConvNormAct(spatial_dims, block_inputs, channels[level], norm=norm, act=act)
+                has_entry = True
+        self.up = nn.ModuleDict()
+        self.merge = nn.ModuleDict()
+        for level in reversed(range(1, levels)):
+            self.up[str(level)] = ConvNormAct(
+                spatial_dims, channels[level], channels[level - 1], stride=2, norm=norm, act=act, transposed=True
+            )
+            skip = channels[level - 1] if str(level - 1) in self.blocks else 0
+            self.merge[str(level - 1)] = ConvNormAct(
+                spatial_dims, channels[level - 1] + skip, channels[level - 1], norm=norm, act=act
+            )
+        self.levels = levels
+        self.velocity = conv(channels[0], spatial_dims, kernel_size=3, padding=1)
+        nn.init.normal_(self.velocity.weight, mean=0.0, std=init_std)
+        nn.init.zeros_(self.velocity.bias)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        prior: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        features: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        if len(features) != len(self.feature_levels):
+            raise ValueError(f"expected {len(self.feature_levels)} decoder feature maps, got {len(features)}")
+        if self.guidance_channels and (guidance is None or guidance.shape[1] != self.guidance_channels):
+            raise ValueError(f"expected guidance with {self.guidance_channels} channels")
+        full_shape = image.shape[2:]
+        level_shapes = [
+            tuple(size // 2 ** (level + self.downsample) for size in full_shape) for level in range(self.levels)
+        ]
+        inputs = ([image, prior] if self.use_pair else []) + ([guidance] if self.guidance_channels else [])
+        h = self.stem(torch.cat(inputs, dim=1)) if self.stem is not None else None
+        skips: list[torch.Tensor | None] = []
+        for level in range(self.levels):
+            key = str(level)
+            parts = []
+            if level > 0 and h is not None:
+                parts.append(self.down[key](h))
+            elif level == 0 and h is not None:
+                parts.append(h)
+            parts.extend(
+                resize_to(feature, level_shapes[level])
+                for feature, feature_level in zip(features, self.feature_levels)
+                if feature_level == level
+            )
+            h = self.blocks[key](torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) if parts else None
+            skips.append(h)
+        for level in reversed(range(1, self.levels)):
+            skip = skips[level - 1]
+            up = self.up[str(level)](h)
+            h = self.merge[str(level - 1)](torch.cat([up, skip], dim=1) if skip is not None else up)
+        return resize_to(self.velocity(h), full_shape)

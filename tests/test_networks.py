@@ -1,0 +1,407 @@
+"""Networks: shapes, warping conventions, integration, Jacobian, gradients, MC dropout, factory."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from anomorph.networks import (
+    AutoEncoder,
+    ModelOutput,
+    MorphAEus,
+    VariationalAutoEncoder,
+    VelocityIntegrator,
+    build_network,
+    disable_mc_dropout,
+    enable_mc_dropout,
+    integrate_velocity,
+    jacobian_determinant,
+    warp,
+)
+
+SMALL = dict(channels=(8, 16, 16), strides=(2, 2, 2), latent_dim=16)
+
+
+def smooth_image(batch: int = 2, size: int = 32, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A smooth, non-symmetric test image in [0, 1], (B, 1, size, size)."""
+    rows = torch.arange(size, dtype=dtype).view(-1, 1)
+    cols = torch.arange(size, dtype=dtype).view(1, -1)
+    image = 0.5 + 0.25 * torch.sin(rows / 3.0) * torch.cos(cols / 5.0) + 0.2 * torch.sin((rows + 2 * cols) / 7.0)
+    scales = torch.linspace(0.8, 1.0, batch, dtype=dtype).view(-1, 1, 1, 1)
+    return image.expand(batch, 1, size, size) * scales
+
+
+def linear_field(a: float, b: float, c: float, d: float, size: int = 16, dtype=torch.float32) -> torch.Tensor:
+    """d_0 = a·i + b·j, d_1 = c·i + d·j in pixels, (1, 2, size, size)."""
+    rows = torch.arange(size, dtype=dtype).view(-1, 1).expand(size, size)
+    cols = torch.arange(size, dtype=dtype).view(1, -1).expand(size, size)
+    return torch.stack([a * rows + b * cols, c * rows + d * cols]).unsqueeze(0)
+
+
+# ---------------------------------------------------------------- integration and warping
+
+
+def test_zero_velocity_gives_identity_warp():
+    image = smooth_image()
+    displacement = integrate_velocity(torch.zeros(2, 2, 32, 32), steps=7)
+    assert torch.count_nonzero(displacement) == 0
+    assert torch.allclose(warp(image, displacement), image, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+def test_constant_velocity_integrates_to_the_same_translation(padding_mode):
+    shift = torch.tensor([2.0, -3.0]).view(1, 2, 1, 1)
+    velocity = shift.expand(2, 2, 32, 32).clone()
+    displacement = integrate_velocity(velocity, steps=7, padding_mode=padding_mode)
+    # zero padding pulls the displacement towards 0 within about |c| + 3 pixels of the edge
+    interior = displacement[..., 8:-8, 8:-8]
+    assert torch.allclose(interior, shift.expand_as(interior), atol=1e-5, rtol=0)
+    if padding_mode == "border":  # the border extrapolation keeps a constant field exact everywhere
+        assert torch.allclose(displacement, velocity, atol=1e-5, rtol=0)
+
+
+def test_integer_translation_warp_matches_roll_in_the_interior():
+    image = smooth_image()
+    displacement = torch.tensor([2.0, -3.0]).view(1, 2, 1, 1).expand(2, 2, 32, 32)
+    warped = warp(image, displacement)
+    # warped(i, j) = image(i + 2, j - 3): channel 0 moves along rows, channel 1 along columns
+    expected = torch.roll(image, shifts=(-2, 3), dims=(2, 3))
+    assert torch.allclose(warped[..., 3:-3, 3:-3], expected[..., 3:-3, 3:-3], atol=1e-5, rtol=0)
+
+
+def test_subpixel_warp_interpolates_linearly():
+    rows = torch.arange(16.0).view(1, 1, -1, 1).expand(1, 1, 16, 16)
+    displacement = torch.zeros(1, 2, 16, 16)
+    displacement[:, 0] = 0.25
+    warped = warp(rows, displacement)
+    assert torch.allclose(warped[..., :-1, :], rows[..., :-1, :] + 0.25, atol=1e-5)
+
+
+def test_warping_preserves_a_constant_image():
+    torch.manual_seed(0)
+    image = torch.full((2, 1, 24, 24), 0.7)
+    displacement = 3 * torch.randn(2, 2, 24, 24)
+    assert torch.allclose(warp(image, displacement), image, atol=1e-6, rtol=0)
+    velocity = torch.nn.functional.avg_pool2d(3 * torch.randn(2, 2, 24, 24), 5, stride=1, padding=2)
+    assert torch.allclose(warp(image, integrate_velocity(velocity)), image, atol=1e-6, rtol=0)
+
+
+def test_integrate_and_warp_gradcheck_in_double_precision():
+    torch.manual_seed(1)
+    signs = torch.where(torch.rand(1, 2, 5, 5) > 0.5, 1.0, -1.0)
+    velocity = (signs * (0.3 + 0.5 * torch.rand(1, 2, 5, 5))).double().requires_grad_()
+    image = torch.rand(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def integrate_then_warp(v, img):
+        return warp(img, integrate_velocity(v, steps=3))
+
+    assert torch.autograd.gradcheck(integrate_then_warp, (velocity, image), eps=1e-6, atol=1e-4)
+
+
+def test_integrator_follows_dtype_and_batch_changes():
+    integrator = VelocityIntegrator(num_steps=4)
+    float_out = integrator(torch.ones(2, 2, 8, 8))
+    double_out = integrator(torch.ones(3, 2, 8, 8, dtype=torch.float64))
+    assert float_out.dtype == torch.float32 and double_out.dtype == torch.float64
+    assert torch.allclose(double_out, torch.ones_like(double_out))
+
+
+def test_zero_integration_steps_use_the_velocity_as_displacement():
+    velocity = torch.randn(1, 2, 8, 8)
+    assert torch.equal(VelocityIntegrator(num_steps=0)(velocity), velocity)
+
+
+# ---------------------------------------------------------------- Jacobian determinant
+
+
+def test_jacobian_of_identity_is_one():
+    det = jacobian_determinant(torch.zeros(2, 2, 16, 16))
+    assert det.shape == (2, 1, 16, 16)
+    assert torch.allclose(det, torch.ones_like(det))
+
+
+def test_jacobian_of_linear_fields_is_analytic():
+    scaling = jacobian_determinant(linear_field(0.5, 0.0, 0.0, 0.5))
+    assert torch.allclose(scaling, torch.full_like(scaling, 1.5**2), atol=1e-5)
+    anisotropic = jacobian_determinant(linear_field(-0.25, 0.0, 0.0, 1.0))
+    assert torch.allclose(anisotropic, torch.full_like(anisotropic, 0.75 * 2.0), atol=1e-5)
+    # general affine: J = [[1 + a, b], [c, 1 + d]]
+    a, b, c, d = 0.1, 0.3, -0.2, 0.4
+    general = jacobian_determinant(linear_field(a, b, c, d))
+    assert torch.allclose(general, torch.full_like(general, (1 + a) * (1 + d) - b * c), atol=1e-5)
+    folding = jacobian_determinant(linear_field(-2.0, 0.0, 0.0, 0.0))
+    assert (folding < 0).all()
+
+
+def test_jacobian_of_3d_scaling():
+    size = 6
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"))
+    det = jacobian_determinant(0.2 * grid.unsqueeze(0))
+    assert det.shape == (1, 1, size, size, size)
+    assert torch.allclose(det, torch.full_like(det, 1.2**3), atol=1e-5)
+
+
+# ---------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("name", ["ae", "vae", "morphaeus"])
+def test_output_shapes(name, size):
+    torch.manual_seed(0)
+    model = build_network({"name": name, "image_size": size, "channels": [8, 16, 32, 32], "latent_dim": 32})
+    x = torch.rand(2, 1, size, size)
+    out = model(x)
+    assert isinstance(out, ModelOutput)
+    assert out.reconstruction.shape == x.shape and out.warped.shape == x.shape
+    assert out.latent.shape == (2, 32)
+    assert ((out.reconstruction >= 0) & (out.reconstruction <= 1)).all()
+    if name == "morphaeus":
+        assert out.velocity.shape == out.displacement.shape == (2, 2, size, size)
+    else:
+        assert out.velocity is None and out.displacement is None and out.warped is out.reconstruction
+    if name == "vae":
+        assert out.mu.shape == out.logvar.shape == (2, 32)
+    else:
+        assert out.mu is None and out.logvar is None
+    assert out.log_variance is None
+
+
+def test_heteroscedastic_log_variance_is_bounded():
+    model = AutoEncoder(image_size=32, heteroscedastic=True, log_variance_range=(-6.0, 1.0), **SMALL)
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.log_variance.shape == (2, 1, 32, 32)
+    assert out.log_variance.min() >= -6.0 and out.log_variance.max() <= 1.0
+
+
+def test_three_dimensional_models_smoke():
+    x = torch.rand(2, 1, 16, 16, 16)
+    ae = AutoEncoder(spatial_dims=3, image_size=16, channels=(8, 16), strides=(2, 2), latent_dim=8, norm="instance")
+    out = ae(x)
+    assert out.reconstruction.shape == x.shape
+    assert [tuple(f.shape[2:]) for f in ae.decode(out.latent).features] == [(4, 4, 4), (8, 8, 8)]
+    morph = MorphAEus(
+        spatial_dims=3, image_size=16, channels=(8, 16), strides=(2, 2), latent_dim=8, head_channels=(8, 8)
+    )
+    out = morph(x)
+    assert out.warped.shape == x.shape and out.displacement.shape == (2, 3, 16, 16, 16)
+
+
+def test_decoder_feature_shapes_match_the_property():
+    model = AutoEncoder(image_size=64, channels=(8, 16, 32), strides=(2, 2, 2), latent_dim=8)
+    z, _, _ = model.encode(torch.rand(1, 1, 64, 64))
+    features = model.decode(z).features
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (c, *s) for c, s in zip(model.decoder_feature_channels, model.decoder_feature_shapes)
+    ]
+    assert model.decoder_feature_shapes == ((8, 8), (16, 16), (32, 32))
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", None])
+@pytest.mark.parametrize("act", ["leakyrelu", "relu", "silu", "gelu"])
+def test_norm_and_activation_options(norm, act):
+    model = AutoEncoder(image_size=32, norm=norm, act=act, **SMALL)
+    assert model(torch.rand(2, 1, 32, 32)).reconstruction.shape == (2, 1, 32, 32)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = AutoEncoder(image_size=32, **SMALL)
+    with pytest.raises(ValueError, match=r"expected input \(B, 1, 32, 32\)"):
+        model(torch.rand(2, 1, 64, 64))
+
+
+def test_image_size_must_be_divisible_by_total_stride():
+    with pytest.raises(ValueError, match="divisible"):
+        AutoEncoder(image_size=36, **SMALL)
+
+
+# ---------------------------------------------------------------- deformable AE behaviour
+
+
+def test_morphaeus_starts_near_identity():
+    torch.manual_seed(0)
+    model = MorphAEus(image_size=32, **SMALL)
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.displacement.abs().max() < 1e-2
+    assert torch.allclose(out.warped, out.reconstruction, atol=1e-3)
+
+
+def test_zero_velocity_gate_returns_the_prior_unchanged():
+    torch.manual_seed(0)
+    model = MorphAEus(image_size=32, **SMALL)
+    x = torch.rand(2, 1, 32, 32)
+    out = model(x, velocity_gate=torch.zeros(2, 1, 32, 32))
+    assert torch.count_nonzero(out.velocity) == 0 and torch.count_nonzero(out.displacement) == 0
+    assert torch.allclose(out.warped, out.reconstruction, atol=1e-6, rtol=0)
+
+
+def test_velocity_gate_multiplies_velocity_and_max_displacement_bounds_it():
+    torch.manual_seed(0)
+    model = MorphAEus(image_size=32, max_displacement=2.0, **SMALL)
+    torch.nn.init.constant_(model.velocity_head.velocity.bias, 50.0)
+    x = torch.rand(2, 1, 32, 32)
+    model.eval()
+    free = model(x)
+    assert free.velocity.abs().max() <= 2.0 + 1e-6 and free.velocity.abs().max() > 1.9
+    gate = torch.zeros(2, 1, 32, 32)
+    gate[..., :16, :] = 1.0
+    gated = model(x, velocity_gate=gate)
+    assert torch.allclose(gated.velocity, free.velocity * gate)
+
+
+def test_guidance_channel_is_used_and_validated():
+    torch.manual_seed(0)
+    model = MorphAEus(image_size=32, guidance_channels=1, **SMALL)
+    torch.nn.init.normal_(model.velocity_head.velocity.weight, std=0.1)
+    model.eval()
+    x = torch.rand(2, 1, 32, 32)
+    without = model(x)
+    zeros = model(x, guidance=torch.zeros(2, 1, 32, 32))
+    ones = model(x, guidance=torch.ones(2, 1, 32, 32))
+    assert torch.equal(without.velocity, zeros.velocity)
+    assert not torch.allclose(ones.velocity, zeros.velocity)
+    with pytest.raises(ValueError, match="guidance"):
+        model(x, guidance=torch.ones(2, 2, 32, 32))
+    with pytest.raises(ValueError, match="guidance_channels=0"):
+        MorphAEus(image_size=32, **SMALL)(x, guidance=torch.ones(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("head_inputs", ["pair", "features", "both"])
+def test_head_input_modes(head_inputs):
+    model = MorphAEus(image_size=32, head_inputs=head_inputs, head_downsample=0, **SMALL)
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.velocity.shape == (2, 2, 32, 32)
+
+
+def test_deform_and_integrate_methods_follow_the_warp_convention():
+    model = MorphAEus(image_size=32, **SMALL)
+    image = smooth_image()
+    velocity = torch.tensor([2.0, -3.0]).view(1, 2, 1, 1).expand(2, 2, 32, 32)
+    warped, used, displacement = model.deform(image, velocity)
+    assert torch.equal(used, velocity)
+    assert torch.allclose(displacement, velocity, atol=1e-5)
+    expected = torch.roll(image, shifts=(-2, 3), dims=(2, 3))
+    assert torch.allclose(warped[..., 3:-3, 3:-3], expected[..., 3:-3, 3:-3], atol=1e-5)
+
+
+def test_warp_inverse_undoes_the_forward_deformation():
+    model = MorphAEus(image_size=32, **SMALL)
+    image = smooth_image()
+    rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    velocity = torch.stack([1.5 * torch.sin(cols / 6.0), -1.0 * torch.cos(rows / 5.0)]).expand(2, 2, 32, 32)
+    warped, _, displacement = model.deform(image, velocity)
+    assert displacement.abs().max() > 0.9
+    restored = model.warp_inverse(warped, velocity)
+    assert (restored - image)[..., 4:-4, 4:-4].abs().max() < 0.02
+    assert (warped - image)[..., 4:-4, 4:-4].abs().max() > 0.1
+
+
+def test_detach_prior_keeps_registration_gradients_out_of_the_auto_encoder():
+    torch.manual_seed(0)
+    model = MorphAEus(image_size=32, detach_prior=True, **SMALL)
+    x = torch.rand(2, 1, 32, 32)
+    out = model(x)
+    (out.warped - x).pow(2).mean().backward()
+    assert all(p.grad is None for p in model.prior.parameters())
+    assert all(p.grad is not None for p in model.velocity_head.parameters())
+
+
+# ---------------------------------------------------------------- gradients, VAE sampling, MC dropout
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "ae", "heteroscedastic": True, "dropout": 0.1},
+        {"name": "vae", "heteroscedastic": True},
+        {"name": "morphaeus", "heteroscedastic": True, "guidance_channels": 1, "dropout": 0.1},
+        {"name": "morphaeus", "variational": True, "head_inputs": "features"},
+    ],
+)
+def test_gradients_reach_every_parameter(config):
+    torch.manual_seed(0)
+    model = build_network({**config, "image_size": 32, **SMALL})
+    x = torch.rand(4, 1, 32, 32)
+    kwargs = {"guidance": torch.rand(4, 1, 32, 32)} if config.get("guidance_channels") else {}
+    out = model(x, **kwargs)
+    loss = (out.warped - x).pow(2).mean() + (out.reconstruction - x).pow(2).mean()
+    if out.log_variance is not None:
+        loss = loss + out.log_variance.mean()
+    if out.mu is not None:
+        loss = loss + (out.mu.pow(2) + out.logvar.exp() - out.logvar).mean()
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.count_nonzero(parameter.grad) > 0, name
+
+
+def test_vae_samples_in_training_and_uses_mu_in_eval():
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder(image_size=32, **SMALL)
+    x = torch.rand(2, 1, 32, 32)
+    model.train()
+    first, second = model(x), model(x)
+    assert not torch.allclose(first.latent, second.latent)
+    model.eval()
+    out = model(x)
+    assert torch.equal(out.latent, out.mu)
+    assert torch.equal(model(x).reconstruction, out.reconstruction)
+
+
+def test_mc_dropout_makes_eval_outputs_stochastic():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32)
+    model = MorphAEus(image_size=32, dropout=0.2, **SMALL).eval()
+    assert torch.equal(model(x).reconstruction, model(x).reconstruction)
+    enabled = enable_mc_dropout(model)
+    assert enabled > 0
+    assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(model(x).reconstruction, model(x).reconstruction)
+    assert disable_mc_dropout(model) == enabled
+    assert torch.equal(model(x).reconstruction, model(x).reconstruction)
+
+    no_dropout = MorphAEus(image_size=32, dropout=0.0, **SMALL).eval()
+    assert enable_mc_dropout(no_dropout) == 0
+    assert torch.equal(no_dropout(x).warped, no_dropout(x).warped)
+
+
+# ---------------------------------------------------------------- factory
+
+
+def test_factory_builds_each_network_and_rejects_bad_configs():
+    assert isinstance(build_network({"name": "ae", "image_size": 32, **SMALL}), AutoEncoder)
+    assert isinstance(build_network({"name": "VAE", "image_size": 32, **SMALL}), VariationalAutoEncoder)
+    config = {"name": "morphaeus", "image_size": 32, "channels": [8, 16, 16], "strides": [2, 2, 2]}
+    model = build_network(config)
+    assert isinstance(model, MorphAEus) and config["name"] == "morphaeus"
+    with pytest.raises(ValueError, match="unknown network name 'unet'"):
+        build_network({"name": "unet"})
+    with pytest.raises(ValueError, match="needs a 'name'"):
+        build_network({"image_size": 32})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['guidance_channels'\]"):
+        build_network({"name": "ae", "guidance_channels": 1})
+    with pytest.raises(ValueError, match="unknown norm"):
+        build_network({"name": "ae", "image_size": 32, "norm": "layerz", **SMALL})
+
+
+def test_default_morphaeus_parameter_count_is_moderate():
+    model = build_network({"name": "morphaeus"})
+    count = sum(p.numel() for p in model.parameters())
+    assert 1e6 < count < 2e7
+    assert math.prod(model.prior.bottleneck_shape) == 256 * 8 * 8
+
+
+def test_optimising_a_constant_velocity_recovers_a_known_shift():
+    # prior(p) = image(p - s) with s = (1.5, -1.0) pixels; warping it by d = s gives image(p) back.
+    image = smooth_image(batch=1, size=48)
+    true_shift = torch.tensor([1.5, -1.0]).view(1, 2, 1, 1)
+    prior = warp(image, -true_shift.expand(1, 2, 48, 48))  # prior(p) = image(p - shift)
+    velocity = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    optimiser = torch.optim.Adam([velocity], lr=0.1)
+    for _ in range(150):
+        displacement = integrate_velocity(velocity.expand(1, 2, 48, 48), steps=4)
+        loss = (warp(prior, displacement) - image)[..., 6:-6, 6:-6].pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert torch.allclose(velocity.detach().flatten(), true_shift.flatten(), atol=0.05)
