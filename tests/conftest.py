@@ -61,3 +61,28 @@ def synthetic_dataset(tmp_path: Path):
         rows.append(row)
     columns = ["image", "split", "mask", "brain_mask", "healthy", "subject", "lesion_type"]
     return write_csv(tmp_path / "manifest.csv", rows, columns)
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    """A tiny built-in phantom (32², 4 slices) shared by the training/evaluation tests."""
+    from anomorph.data.phantom import PhantomConfig, build_phantom
+
+    out = tmp_path_factory.mktemp("tiny_phantom")
+    config = PhantomConfig(size=32, n_slices=4, seed=3, n_train=6, n_val_healthy=1, n_val_lesion=2,
+                           n_test=5, n_test_healthy=1)
+    return build_phantom(out, config)
+
+
+def tiny_run_config(manifest: Path, model: str = "morphaeus", **train):
+    """A RunConfig small enough to train in seconds on 2 CPU cores."""
+    from anomorph.config import load_config
+
+    overrides = [f"data.manifest={manifest}", "data.size=32", "data.batch_size=8", "data.min_brain_fraction=0.0",
+                 f"model.name={model}", "model.channels=[8,16,32]", "model.strides=[2,2,2]",
+                 "model.latent_dim=32", "train.max_epochs=3", "train.warmup_epochs=1",
+                 "train.beta_ramp_epochs=2", "train.progress_bar=false", "train.log_every_n_steps=1"]
+    if model == "morphaeus":
+        overrides.append("model.head_channels=[8,16]")
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(None, overrides)

@@ -7,8 +7,7 @@ import sys
 import typing
 from pathlib import Path
 
-from ..config import ConfigError
-from ..data.manifest import DataError
+from ..errors import AnomorphError
 
 
 class UserError(Exception):
@@ -99,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--slice-range", type=int, nargs=2, metavar=("START", "STOP"), default=None)
     check.set_defaults(func=cmd_data_check)
 
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+def _extra_commands() -> list:
+    from . import evaluation, train
+
+    return [train.register, evaluation.register]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, UserError) as err:
+    except (AnomorphError, UserError) as err:
         print(f"anomorph: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,47 @@
+"""``anomorph fit``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _devices(value: str):
+    if value == "auto":
+        return value
+    if "," in value:
+        return [int(v) for v in value.split(",") if v]
+    return int(value)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..training import fit
+
+    if args.resume is not None:
+        if args.config is not None or args.overrides:
+            print("note: --resume uses the run's saved config.yaml; --config and overrides are ignored")
+        run_dir = fit(load_config(args.resume / "config.yaml"), run_dir=args.resume, resume=True,
+                      devices=args.devices, strategy=args.strategy, accelerator=args.accelerator)
+    else:
+        config = load_config(args.config, args.overrides)
+        run_dir = fit(config, run_dir=args.run_dir, devices=args.devices, strategy=args.strategy,
+                      accelerator=args.accelerator)
+    print(f"run directory: {run_dir}")
+    print(f"checkpoints: {run_dir / 'checkpoints'} (best.ckpt, last.ckpt); logs: {run_dir / 'logs'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit", help="train a model from a YAML config",
+        description="Train a model. Overrides are KEY=VALUE with dotted keys and YAML values, e.g. "
+                    "train.max_epochs=5 data.manifest=phantom/manifest.csv model.latent_dim=128.")
+    p.add_argument("--config", type=Path, default=None, help="YAML config, e.g. configs/morphaeus.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: OUTPUT_DIR/NAME)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator: auto, cpu, gpu (default: config)")
+    p.add_argument("--devices", type=_devices, default=None, help="number of devices, 'auto' or a list '0,1'")
+    p.add_argument("--strategy", default=None, help="Lightning strategy, e.g. ddp (default: config)")
+    p.set_defaults(func=cmd_fit)

@@ -1,0 +1,58 @@
+"""Lightning data module over the in-memory slice datasets."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import DataConfig
+from ..data import SliceConfig, SliceDataset, collate_slices, read_manifest
+
+
+def slice_config(data: DataConfig) -> SliceConfig:
+    """The :class:`SliceConfig` described by a run's data section."""
+    return SliceConfig(
+        axis=data.axis,
+        slice_range=tuple(data.slice_range) if data.slice_range else None,
+        size=data.size,
+        percentiles=tuple(data.percentiles),
+        min_brain_fraction=data.min_brain_fraction,
+    )
+
+
+class SliceDataModule(L.LightningDataModule):
+    """Train on healthy ``train`` slices; validate on healthy ``val`` slices (SPEC §2).
+
+    Shuffling uses a generator seeded with ``seed`` so the batch order is reproducible.
+    """
+
+    def __init__(self, data: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.data = data
+        self.seed = seed
+        self.train_set: SliceDataset | None = None
+        self.val_set: SliceDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        rows = read_manifest(self.data.manifest, require_train=True)
+        cfg = slice_config(self.data)
+        self.train_set = SliceDataset(self.data.manifest, ["train"], cfg, healthy_only=True, rows=rows)
+        has_val = any(r.split == "val" for r in rows)
+        # without a val split, validate on the training slices (documented in docs/training.md)
+        self.val_set = (SliceDataset(self.data.manifest, ["val"], cfg, healthy_only=True, rows=rows)
+                        if has_val else self.train_set)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.data.batch_size, shuffle=True, drop_last=False,
+                          collate_fn=collate_slices, num_workers=self.data.num_workers, generator=generator,
+                          persistent_workers=self.data.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return DataLoader(self.val_set, batch_size=self.data.batch_size, shuffle=False,
+                          collate_fn=collate_slices, num_workers=self.data.num_workers,
+                          persistent_workers=self.data.num_workers > 0)

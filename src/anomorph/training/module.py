@@ -1,0 +1,126 @@
+"""Lightning wrapper around the plain ``torch.nn.Module`` networks (kept separate, as anomalib
+does): losses and their schedule (SPEC §3), optimisation, logging, validation figures."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..config import RunConfig, config_from_dict
+from ..data.types import SliceBatch
+from ..networks import ModelOutput, build_network
+from . import losses
+
+
+def network_options(config: RunConfig) -> dict[str, Any]:
+    """The :func:`build_network` arguments of a run: model options plus the data's image size."""
+    options = {"name": config.model.name, **config.model.options}
+    options.setdefault("image_size", config.data.size)
+    options.setdefault("in_channels", 1)
+    return options
+
+
+def is_deformable(config: RunConfig) -> bool:
+    return config.model.name == "morphaeus"
+
+
+class AnomalyModule(L.LightningModule):
+    """Trains an AE, VAE or deformable AE.
+
+    Loss = MSE(x, x̂) + ``ssim_weight``·(1 − SSIM(x, x̂)) [+ ``kl_weight``·KL for the VAE]
+    [+ after ``warmup_epochs``: ``ncc_weight``·NCC-loss(x, x̃) + β·‖∇v‖² for the deformable AE,
+    β ramped linearly from ``beta_start`` to ``beta_end`` over ``beta_ramp_epochs``].
+    ``val/loss`` uses the *final* weights (β = ``beta_end``, registration on) at every epoch, so
+    epochs are comparable and the best checkpoint is chosen on a fixed objective.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.run_config = config_from_dict(config)
+        self.network = build_network(network_options(self.run_config))
+        self.figure_dir: Path | None = None
+
+    # ------------------------------------------------------------------ loss
+    def registration_weight(self, epoch: int) -> float | None:
+        """β for ``epoch``, or None while the registration terms are still off (warm-up)."""
+        t = self.run_config.train
+        return losses.beta_schedule(epoch, t.warmup_epochs, t.beta_ramp_epochs, t.beta_start, t.beta_end)
+
+    def compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None) -> dict[str, torch.Tensor]:
+        t = self.run_config.train
+        terms: dict[str, torch.Tensor] = {}
+        terms["mse"] = torch.mean((out.reconstruction - x) ** 2)
+        terms["ssim"] = losses.ssim_loss(out.reconstruction, x)
+        total = terms["mse"] + t.ssim_weight * terms["ssim"]
+        if out.mu is not None and out.logvar is not None:
+            terms["kl"] = losses.kl_divergence(out.mu, out.logvar)
+            total = total + t.kl_weight * terms["kl"]
+        if out.log_variance is not None:
+            terms["nll"] = losses.gaussian_nll(x, out.reconstruction, out.log_variance)
+            total = total + terms["nll"]
+        if out.velocity is not None and beta is not None:
+            terms["ncc"] = losses.local_ncc_loss(out.warped, x, kernel_size=t.ncc_window)
+            terms["smooth"] = losses.velocity_smoothness(out.velocity)
+            total = total + t.ncc_weight * terms["ncc"] + beta * terms["smooth"]
+            if t.bidirectional:
+                terms["ncc_inverse"] = losses.local_ncc_loss(
+                    self.network.warp_inverse(x, out.velocity), out.reconstruction.detach(), kernel_size=t.ncc_window)
+                total = total + t.ncc_weight * terms["ncc_inverse"]
+        terms["loss"] = total
+        return terms
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> ModelOutput:
+        return self.network(x, **kwargs)
+
+    def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
+        beta = self.registration_weight(self.current_epoch)
+        out = self.network(batch.image)
+        terms = self.compute_losses(batch.image, out, beta)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch}, global step {self.global_step} "
+                f"(terms: { {k: float(v) for k, v in terms.items()} }); the last good checkpoint is "
+                f"{self.last_checkpoint_hint()}")
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, on_step=True,
+                      on_epoch=True, batch_size=len(batch))
+        self.log("train/beta", float(beta or 0.0), on_step=False, on_epoch=True, batch_size=len(batch))
+        self.log("loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return terms["loss"]
+
+    def validation_step(self, batch: SliceBatch, batch_idx: int) -> None:
+        t = self.run_config.train
+        out = self.network(batch.image)
+        terms = self.compute_losses(batch.image, out, t.beta_end if is_deformable(self.run_config) else None)
+        brain = batch.brain_mask
+        residual = (batch.image - out.warped).abs() * brain
+        terms["residual"] = residual.sum() / brain.sum().clamp_min(1.0)
+        prior = (batch.image - out.reconstruction).abs() * brain
+        terms["residual_prior"] = prior.sum() / brain.sum().clamp_min(1.0)
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, prog_bar=False, on_epoch=True,
+                      batch_size=len(batch), sync_dist=True)
+        self.log("val_loss", terms["loss"], prog_bar=True, on_epoch=True, logger=False, batch_size=len(batch),
+                 sync_dist=True)
+        if batch_idx == 0 and self.figure_dir is not None and self.trainer.is_global_zero \
+                and not self.trainer.sanity_checking:
+            from ..reporting.figures import save_reconstruction_grid
+
+            save_reconstruction_grid(batch.image, out, self.figure_dir / f"val_epoch{self.current_epoch:03d}.png",
+                                     title=f"{self.run_config.name}: validation epoch {self.current_epoch}")
+
+    def last_checkpoint_hint(self) -> str:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return "(none)"
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "last_model_path", ""):
+                return cb.last_model_path
+        return "(none yet)"
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        t = self.run_config.train
+        return torch.optim.Adam(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
