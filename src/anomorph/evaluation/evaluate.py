@@ -1,0 +1,253 @@
+"""``anomorph evaluate``: score methods on a manifest's val/test splits (SPEC §4).
+
+Per method: a val pass picks the Dice@val threshold (max Dice on val) and the Dice@5%FPR
+threshold (5% false positives on healthy val brain pixels); a test pass streams every test
+slice through a binned :class:`MetricAccumulator` (65 536 bins over [0, 1]; memory does not
+grow with the number of pixels; AUROC error bound reported as ``pixel_auroc_binning_error_bound``).
+Lesion-size tertile edges come from the per-slice lesion pixel counts of the test split.
+Whenever every test slice has a ``healthy`` counterpart, an ``oracle`` row scores |x − healthy|.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..data.io import atomic_write
+from ..data.manifest import read_manifest
+from ..data.slices import SliceConfig, SliceDataset
+from ..errors import DataError
+from .inference import OracleScorer, Prediction, Scorer
+from .metrics import MetricAccumulator, ScoreHistogram, size_tertile_edges
+
+EXAMPLES_PER_TYPE = 2
+CURVE_POINTS = 200
+TABLE_METRICS = ("pixel_auroc", "pixel_auprc", "dice_at_val", "dice_at_fpr", "oracle_best_dice",
+                 "slice_auroc", "slice_auprc", "slice_fpr_at_95_tpr", "lpr", "hrr", "folding_fraction")
+
+
+@dataclass
+class Example:
+    """One test slice for the report panels; arrays are ``(H, W)`` float32 (displacement (2, H, W))."""
+
+    subject: str
+    lesion_type: str
+    slice_index: int
+    image: np.ndarray
+    mask: np.ndarray
+    brain_mask: np.ndarray
+    prediction: dict[str, np.ndarray | None]
+
+
+@dataclass
+class MethodResult:
+    """Metrics (overall + ``by_lesion_type`` + ``by_size``), ROC/PR curves, example panels."""
+
+    name: str
+    deformable: bool
+    metrics: dict[str, Any]
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    examples: list[Example] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationData:
+    """The val and test slices of a manifest, loaded once and shared by every method."""
+
+    manifest: Path
+    config: SliceConfig
+    val: SliceDataset | None
+    test: SliceDataset
+    size_edges: tuple[float, float] | None
+    example_indices: list[int]
+
+    @classmethod
+    def load(cls, manifest: str | Path, config: SliceConfig) -> "EvaluationData":
+        rows = read_manifest(manifest)
+        if not any(r.split == "test" for r in rows):
+            raise DataError(f"{manifest}: no test rows to evaluate")
+        val = (SliceDataset(manifest, ["val"], config, rows=rows) if any(r.split == "val" for r in rows) else None)
+        test = SliceDataset(manifest, ["test"], config, rows=rows)
+        counts = test.masks.flatten(1).sum(1).numpy()
+        size_edges = size_tertile_edges(counts) if (counts > 0).any() else None
+        return cls(Path(manifest), config, val, test,
+                   None if size_edges is None else tuple(float(e) for e in size_edges),
+                   _pick_examples(test, counts))
+
+    @property
+    def has_oracle(self) -> bool:
+        return bool(self.test.has_healthy.all()) and (self.val is None or bool(self.val.has_healthy.all()))
+
+
+def _pick_examples(test: SliceDataset, counts: np.ndarray) -> list[int]:
+    """Per lesion type, the slices with the largest lesions (deterministic), plus one healthy slice."""
+    picked: list[int] = []
+    types = np.array([row.lesion_type for row, _, _ in test.meta], dtype=object)
+    for lesion_type in sorted(set(types[counts > 0])):
+        candidates = np.flatnonzero((types == lesion_type) & (counts > 0))
+        picked.extend(candidates[np.argsort(-counts[candidates], kind="stable")][:EXAMPLES_PER_TYPE].tolist())
+    healthy = np.flatnonzero(counts == 0)
+    if healthy.size:
+        picked.append(int(healthy[healthy.size // 2]))
+    return picked
+
+
+def _batches(dataset: SliceDataset, batch_size: int) -> Iterable[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(dataset), batch_size):
+        s = slice(start, min(start + batch_size, len(dataset)))
+        yield s, dataset.images[s], dataset.brain_masks[s], dataset.healthy[s]
+
+
+def _update(acc: MetricAccumulator, dataset: SliceDataset, s: slice, pred: Prediction, deformable: bool) -> None:
+    types = [row.lesion_type for row, _, _ in dataset.meta[s]]
+    extra: dict[str, Any] = {}
+    if deformable:
+        extra = dict(recon=pred.reconstruction.numpy(), warped=pred.warped.numpy(),
+                     jacobian_det=None if pred.jacobian is None else pred.jacobian.numpy(),
+                     displacement=None if pred.displacement is None else pred.displacement.numpy())
+    if pred.uncertainty is not None:
+        extra["uncertainty"] = pred.uncertainty.numpy()
+    acc.update(pred.anomaly_map.numpy(), dataset.images[s].numpy(), dataset.masks[s].numpy(),
+               dataset.brain_masks[s].numpy(), dataset.labels[s].numpy(), types, **extra)
+
+
+def _curves(histogram: ScoreHistogram) -> dict[str, dict[str, list[float]]]:
+    """ROC and PR curve points (at most ``CURVE_POINTS`` each) from a pixel histogram."""
+    if histogram.n_positive == 0 or histogram.n_negative == 0:
+        return {}
+    ops = histogram.operating_points()
+    tp = np.concatenate([[0], np.asarray(ops.true_positives, float)])
+    fp = np.concatenate([[0], np.asarray(ops.false_positives, float)])
+    keep = np.unique(np.linspace(0, tp.size - 1, min(tp.size, CURVE_POINTS)).round().astype(int))
+    tpr, fpr = tp / ops.n_positive, fp / ops.n_negative
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    return {"roc": {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()},
+            "pr": {"recall": tpr[keep].tolist(), "precision": precision[keep].tolist()}}
+
+
+def evaluate_scorer(scorer: Scorer, data: EvaluationData, batch_size: int = 32) -> MethodResult:
+    """Run ``scorer`` over val then test of ``data``; all SPEC §4 metrics with breakdowns."""
+    thresholds: dict[str, float | None] = {"val_threshold": None, "fpr_threshold": None}
+    if data.val is not None:
+        val_acc = MetricAccumulator(size_edges=data.size_edges)
+        for s, images, brains, healthy in _batches(data.val, batch_size):
+            _update(val_acc, data.val, s, scorer(images, brains, healthy), False)
+        if int(data.val.labels.sum()) > 0:
+            thresholds["val_threshold"] = val_acc.max_dice_threshold()
+        thresholds["fpr_threshold"] = val_acc.fpr_threshold(0.05)
+    test_acc = MetricAccumulator(size_edges=data.size_edges)
+    histogram = ScoreHistogram(0.0, 1.0, 4096)
+    examples: list[Example] = []
+    wanted = set(data.example_indices)
+    for s, images, brains, healthy in _batches(data.test, batch_size):
+        pred = scorer(images, brains, healthy)
+        _update(test_acc, data.test, s, pred, scorer.deformable)
+        inside = brains.numpy() > 0
+        histogram.update(pred.anomaly_map.numpy()[inside], data.test.masks[s].numpy()[inside])
+        for index in sorted(wanted.intersection(range(s.start, s.stop))):
+            examples.append(_example(data.test, index, pred, index - s.start))
+    metrics = test_acc.compute(val_threshold=thresholds["val_threshold"],
+                               fpr_threshold=thresholds["fpr_threshold"])
+    if data.val is None:
+        metrics.setdefault("undefined", {}).update(
+            {"dice_at_val": "no val split", "dice_at_fpr": "no val split"})
+    elif thresholds["val_threshold"] is None:
+        metrics.setdefault("undefined", {})["dice_at_val"] = "no abnormal val slices to tune the threshold on"
+    metrics["thresholds"] = thresholds
+    return MethodResult(scorer.name, scorer.deformable, metrics, _curves(histogram), examples)
+
+
+def _example(dataset: SliceDataset, index: int, pred: Prediction, i: int) -> Example:
+    row, geometry, _ = dataset.meta[index]
+
+    def take(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t[i].numpy().astype(np.float32)
+
+    return Example(row.subject, row.lesion_type or "healthy", geometry.slice_index,
+                   dataset.images[index, 0].numpy(), dataset.masks[index, 0].numpy(),
+                   dataset.brain_masks[index, 0].numpy(),
+                   {"anomaly_map": take(pred.anomaly_map)[0], "reconstruction": take(pred.reconstruction)[0],
+                    "warped": take(pred.warped)[0], "displacement": take(pred.displacement),
+                    "jacobian": None if pred.jacobian is None else take(pred.jacobian)[0],
+                    "uncertainty": None if pred.uncertainty is None else take(pred.uncertainty)[0]})
+
+
+def evaluate_methods(scorers: Sequence[Scorer], manifest: str | Path, config: SliceConfig,
+                     batch_size: int = 32, oracle: bool = True) -> tuple[EvaluationData, list[MethodResult]]:
+    """Evaluate several scorers on one manifest (data loaded once); adds the oracle row when
+    the manifest has ``healthy`` for every val/test slice and ``oracle`` is True."""
+    data = EvaluationData.load(manifest, config)
+    results = [evaluate_scorer(s, data, batch_size) for s in scorers]
+    if oracle and data.has_oracle:
+        results.append(evaluate_scorer(OracleScorer(config.size), data, batch_size))
+    return data, results
+
+
+# ---------------------------------------------------------------------------- outputs
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN → None, numpy → Python."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def flat_rows(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
+    """One row per (method, breakdown group): overall, each lesion type, each size tertile."""
+    rows = []
+    for result in results:
+        groups = [("overall", "all", result.metrics)]
+        groups += [("lesion_type", k, v) for k, v in result.metrics.get("by_lesion_type", {}).items()]
+        groups += [("size", k, v) for k, v in result.metrics.get("by_size", {}).items()]
+        for kind, name, metrics in groups:
+            row: dict[str, Any] = {"method": result.name, "group_kind": kind, "group": name}
+            for key in TABLE_METRICS + ("mean_displacement_lesion", "mean_displacement_healthy",
+                                        "n_slices", "n_abnormal_slices"):
+                value = metrics.get(key)
+                row[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+            rows.append(row)
+    return rows
+
+
+def format_table(results: Sequence[MethodResult], group_kind: str = "overall") -> str:
+    """A fixed-width text table of the headline metrics (DICE* is an oracle: best Dice on test)."""
+    headers = {"pixel_auroc": "AUROC", "pixel_auprc": "AUPRC", "dice_at_val": "Dice@val",
+               "dice_at_fpr": "Dice@5%FPR", "oracle_best_dice": "DICE*(oracle)", "slice_auroc": "sl.AUROC",
+               "slice_auprc": "sl.AUPRC", "slice_fpr_at_95_tpr": "FPR@95TPR", "lpr": "LPR", "hrr": "HRR",
+               "folding_fraction": "folding"}
+    rows = [r for r in flat_rows(results) if r["group_kind"] == group_kind]
+    name_width = max([len("method / group")] + [len(f"{r['method']} / {r['group']}") for r in rows])
+    lines = ["method / group".ljust(name_width) + "".join(f"{h:>14}" for h in headers.values())]
+    for r in rows:
+        label = r["method"] if group_kind == "overall" else f"{r['method']} / {r['group']}"
+        cells = "".join(f"{'—' if r[k] is None else format(r[k], '.4f'):>14}" for k in headers)
+        lines.append(label.ljust(name_width) + cells)
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[MethodResult], out_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``metrics.json`` (full, nested) and ``metrics.csv`` (flat) atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"methods": {r.name: _clean(r.metrics) for r in results}, **_clean(extra or {})}
+    json_path = atomic_write(out_dir / "metrics.json",
+                             lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, allow_nan=False)))
+    rows = flat_rows(results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = atomic_write(out_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    return {"json": json_path, "csv": csv_path}

@@ -1,0 +1,127 @@
+"""The one inference code path shared by ``evaluate`` and ``predict``.
+
+A *scorer* maps a batch of model-grid slices ``(B, 1, H, W)`` in [0, 1] (with their brain
+masks) to a :class:`Prediction`. Anomaly maps are in [0, 1] (absolute intensity residuals of
+[0, 1] images) and zero outside the brain mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..data.slices import SliceDataset
+
+
+@dataclass
+class Prediction:
+    """What a scorer returns for a ``(B, 1, H, W)`` batch; every map has that shape.
+
+    anomaly_map: per-pixel anomaly score in [0, 1], 0 outside the brain mask.
+    reconstruction: pseudo-healthy x̂ in [0, 1]. warped: x̃ = x̂ ∘ φ (== reconstruction for
+    non-deformable methods). displacement: d = φ − id in **pixels**, ``(B, 2, H, W)``, channel 0
+    along rows (H), or None. jacobian: det ∇φ ``(B, 1, H, W)`` or None. uncertainty: u in
+    [0, 1] or None.
+    """
+
+    anomaly_map: torch.Tensor
+    reconstruction: torch.Tensor
+    warped: torch.Tensor
+    displacement: torch.Tensor | None = None
+    jacobian: torch.Tensor | None = None
+    uncertainty: torch.Tensor | None = None
+
+
+class Scorer:
+    """Base class: ``name``, ``deformable``, ``size`` (model grid side, pixels) and
+    ``__call__(images, brain_masks, healthy=None) -> Prediction``; ``healthy`` is only read by
+    the oracle."""
+
+    name = "scorer"
+    deformable = False
+    size: int = 128
+
+    def __call__(self, images: torch.Tensor, brain_masks: torch.Tensor,
+                 healthy: torch.Tensor | None = None) -> Prediction:
+        raise NotImplementedError
+
+
+class ModelScorer(Scorer):
+    """A trained network: anomaly map = |x − x̃| inside the brain mask (SPEC §3)."""
+
+    def __init__(self, network: torch.nn.Module, config: RunConfig, name: str | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.network = network.to(device).eval()
+        self.config = config
+        self.name = name or config.name
+        self.deformable = config.model.name == "morphaeus"
+        self.size = config.data.size
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "best", device: str = "cpu") -> "ModelScorer":
+        from ..training.fit import load_run
+
+        network, config = load_run(run_dir, which)
+        return cls(network, config, device=device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, brain_masks: torch.Tensor,
+                 healthy: torch.Tensor | None = None) -> Prediction:
+        from ..networks import jacobian_determinant
+
+        x = images.to(self.device)
+        out = self.network(x)
+        brain = brain_masks.to(self.device)
+        anomaly = (x - out.warped).abs() * brain
+        jacobian = jacobian_determinant(out.displacement) if out.displacement is not None else None
+        return Prediction(anomaly.cpu(), out.reconstruction.cpu(), out.warped.cpu(),
+                          None if out.displacement is None else out.displacement.cpu(),
+                          None if jacobian is None else jacobian.cpu())
+
+
+class ThresholdScorer(Scorer):
+    """Intensity thresholding, no training (SPEC §3, after Meissen et al.).
+
+    mode "deviation": map = |x − μ| with μ the mean brain intensity of healthy train slices
+    (catches dark and bright lesions); mode "intensity": map = x (bright lesions only).
+    """
+
+    deformable = False
+
+    def __init__(self, mode: str = "deviation", reference: float = 0.5, size: int = 128) -> None:
+        if mode not in ("deviation", "intensity"):
+            raise ValueError(f"threshold mode must be 'deviation' or 'intensity', got {mode!r}")
+        self.mode = mode
+        self.reference = float(reference)
+        self.size = size
+        self.name = "threshold" if mode == "deviation" else "threshold-intensity"
+
+    @classmethod
+    def fit(cls, train: SliceDataset, mode: str = "deviation") -> "ThresholdScorer":
+        """μ = mean normalised intensity over the brain pixels of the (healthy) train slices."""
+        brain = train.brain_masks > 0
+        return cls(mode, float(train.images[brain].mean()), train.config.size)
+
+    def __call__(self, images: torch.Tensor, brain_masks: torch.Tensor,
+                 healthy: torch.Tensor | None = None) -> Prediction:
+        reference = torch.full_like(images, self.reference)
+        score = (images - reference).abs() if self.mode == "deviation" else images
+        return Prediction(score.clamp(0, 1) * brain_masks, reference, reference)
+
+
+class OracleScorer(Scorer):
+    """The limit of any reconstruction method: map = |x − healthy| (needs ``healthy``)."""
+
+    name = "oracle"
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+
+    def __call__(self, images: torch.Tensor, brain_masks: torch.Tensor,
+                 healthy: torch.Tensor | None = None) -> Prediction:
+        if healthy is None:
+            raise ValueError("the oracle needs the healthy counterpart of every slice")
+        return Prediction((images - healthy).abs() * brain_masks, healthy, healthy)
