@@ -89,6 +89,46 @@ class TrainConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """Uncertainty-guided regularisation of the deformation (deformable models only; SPEC §3).
+
+    strategy: "none", "gating", "conditioned", "map" or "iterative" (used at inference; the
+        "conditioned" strategy also changes training: the head reads m, see below).
+    estimator: uncertainty estimator giving u (see docs/uncertainty.md), or "oracle" (m = the
+        dilated ground-truth mask: the oracle-guided row).
+    normalise: z-score u against the estimator's statistics on healthy val slices.
+    threshold / softness: m = sigmoid((u − threshold) / softness). dilation: pixels.
+    Conditioned-head training: synthetic blob masks m (``mask_probability`` of the samples get
+    blobs), pasted intensity changes inside them with ``paste_probability``; the smoothness
+    weight becomes λ(x) = β·(1 + alpha·m(x)) and a local anchor anchor_weight·m·(‖d‖² +
+    gamma·(log det Jφ)²) is added; NCC is masked by (1 − m).
+    Test-time MAP: ``map_steps`` Adam steps (lr ``map_lr``, pixels) on v minimising
+    Σ(1 − m)·NCC-loss + map_lambda·‖∇v‖² + map_anchor·Σ m‖d‖². iterative: ``rounds`` of
+    register → re-estimate (residual z-score of the guided registration) → register.
+    """
+
+    strategy: str = "none"
+    estimator: str = "residual_z"
+    normalise: bool = True
+    threshold: float = 0.5
+    softness: float = 0.05
+    dilation: int = 1
+    mask_probability: float = 0.75
+    paste_probability: float = 0.5
+    alpha: float = 20.0
+    anchor_weight: float = 1.0
+    gamma: float = 0.1
+    map_steps: int = 30
+    map_lr: float = 0.05
+    map_lambda: float = 1.0
+    map_anchor: float = 10.0
+    rounds: int = 2
+
+
+STRATEGIES = ("none", "gating", "conditioned", "map", "iterative")
+
+
+@dataclass
 class RunConfig:
     """A whole run: ``seed`` fixes data order, initialisation and dropout."""
 
@@ -98,6 +138,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -164,7 +205,13 @@ def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a plain dict (e.g. parsed YAML) into a :class:`RunConfig`."""
-    return _from_dict(RunConfig, data)
+    config = _from_dict(RunConfig, data)
+    if config.guidance.strategy not in STRATEGIES:
+        raise ConfigError(f"guidance.strategy: {config.guidance.strategy!r} is not one of {STRATEGIES}")
+    if config.guidance.strategy != "none" and config.model.name != "morphaeus":
+        raise ConfigError(f"guidance.strategy {config.guidance.strategy!r} needs a deformable model "
+                          f"(model.name: morphaeus), got {config.model.name!r}")
+    return config
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -99,10 +99,15 @@ def _pick_examples(test: SliceDataset, counts: np.ndarray) -> list[int]:
     return picked
 
 
-def _batches(dataset: SliceDataset, batch_size: int) -> Iterable[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _batches(dataset: SliceDataset, batch_size: int) -> Iterable[slice]:
     for start in range(0, len(dataset), batch_size):
-        s = slice(start, min(start + batch_size, len(dataset)))
-        yield s, dataset.images[s], dataset.brain_masks[s], dataset.healthy[s]
+        yield slice(start, min(start + batch_size, len(dataset)))
+
+
+def _score(scorer: Scorer, dataset: SliceDataset, s: slice) -> Prediction:
+    """Run ``scorer`` on a slice range; only oracle scorers are handed ground truth."""
+    kwargs = {"lesion_masks": dataset.masks[s]} if getattr(scorer, "oracle", False) else {}
+    return scorer(dataset.images[s], dataset.brain_masks[s], dataset.healthy[s], **kwargs)
 
 
 def _update(acc: MetricAccumulator, dataset: SliceDataset, s: slice, pred: Prediction, deformable: bool) -> None:
@@ -137,8 +142,8 @@ def evaluate_scorer(scorer: Scorer, data: EvaluationData, batch_size: int = 32) 
     thresholds: dict[str, float | None] = {"val_threshold": None, "fpr_threshold": None}
     if data.val is not None:
         val_acc = MetricAccumulator(size_edges=data.size_edges)
-        for s, images, brains, healthy in _batches(data.val, batch_size):
-            _update(val_acc, data.val, s, scorer(images, brains, healthy), False)
+        for s in _batches(data.val, batch_size):
+            _update(val_acc, data.val, s, _score(scorer, data.val, s), False)
         if int(data.val.labels.sum()) > 0:
             thresholds["val_threshold"] = val_acc.max_dice_threshold()
         thresholds["fpr_threshold"] = val_acc.fpr_threshold(0.05)
@@ -146,8 +151,9 @@ def evaluate_scorer(scorer: Scorer, data: EvaluationData, batch_size: int = 32) 
     histogram = ScoreHistogram(0.0, 1.0, 4096)
     examples: list[Example] = []
     wanted = set(data.example_indices)
-    for s, images, brains, healthy in _batches(data.test, batch_size):
-        pred = scorer(images, brains, healthy)
+    for s in _batches(data.test, batch_size):
+        pred = _score(scorer, data.test, s)
+        brains = data.test.brain_masks[s]
         _update(test_acc, data.test, s, pred, scorer.deformable)
         inside = brains.numpy() > 0
         histogram.update(pred.anomaly_map.numpy()[inside], data.test.masks[s].numpy()[inside])

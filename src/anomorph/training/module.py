@@ -10,6 +10,8 @@ import torch
 
 from ..config import RunConfig, config_from_dict
 from ..data.types import SliceBatch
+from ..guidance.masks import paste_intensity, synthetic_anomaly_masks
+from ..guidance.priors import log_jacobian_anchor
 from ..networks import ModelOutput, build_network
 from . import losses
 
@@ -19,6 +21,8 @@ def network_options(config: RunConfig) -> dict[str, Any]:
     options = {"name": config.model.name, **config.model.options}
     options.setdefault("image_size", config.data.size)
     options.setdefault("in_channels", 1)
+    if config.guidance.strategy == "conditioned":
+        options.setdefault("guidance_channels", 1)
     return options
 
 
@@ -49,8 +53,15 @@ class AnomalyModule(L.LightningModule):
         t = self.run_config.train
         return losses.beta_schedule(epoch, t.warmup_epochs, t.beta_ramp_epochs, t.beta_start, t.beta_end)
 
-    def compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None) -> dict[str, torch.Tensor]:
+    def compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
+                       guidance: torch.Tensor | None = None,
+                       registration_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms and their total (``loss``). ``guidance`` m ``(B, 1, H, W)`` switches on the
+        spatially weighted prior (conditioned-head training); ``registration_target`` is the image
+        x̃ is registered to (default ``x``; the head's input with pasted fake anomalies)."""
         t = self.run_config.train
+        g = self.run_config.guidance
+        target = x if registration_target is None else registration_target
         terms: dict[str, torch.Tensor] = {}
         terms["mse"] = torch.mean((out.reconstruction - x) ** 2)
         terms["ssim"] = losses.ssim_loss(out.reconstruction, x)
@@ -62,9 +73,14 @@ class AnomalyModule(L.LightningModule):
             terms["nll"] = losses.gaussian_nll(x, out.reconstruction, out.log_variance)
             total = total + terms["nll"]
         if out.velocity is not None and beta is not None:
-            terms["ncc"] = losses.local_ncc_loss(out.warped, x, kernel_size=t.ncc_window)
-            terms["smooth"] = losses.velocity_smoothness(out.velocity)
+            keep = None if guidance is None else 1.0 - guidance
+            stiffness = None if guidance is None else 1.0 + g.alpha * guidance
+            terms["ncc"] = losses.local_ncc_loss(out.warped, target, kernel_size=t.ncc_window, weight=keep)
+            terms["smooth"] = losses.velocity_smoothness(out.velocity, weight=stiffness)
             total = total + t.ncc_weight * terms["ncc"] + beta * terms["smooth"]
+            if guidance is not None:
+                terms["anchor"] = log_jacobian_anchor(out.displacement, guidance, g.gamma)
+                total = total + g.anchor_weight * terms["anchor"]
             if t.bidirectional:
                 terms["ncc_inverse"] = losses.local_ncc_loss(
                     self.network.warp_inverse(x, out.velocity), out.reconstruction.detach(), kernel_size=t.ncc_window)
@@ -76,10 +92,36 @@ class AnomalyModule(L.LightningModule):
     def forward(self, x: torch.Tensor, **kwargs: Any) -> ModelOutput:
         return self.network(x, **kwargs)
 
+    def conditioned_forward(self, x: torch.Tensor, brain_mask: torch.Tensor
+                            ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
+        """Training forward of the conditioned head: synthetic masks m and fake anomalies.
+
+        The prior x̂ is computed from the clean x (it must stay pseudo-healthy); the head reads
+        (x with pasted anomalies inside m, x̂, m). Random numbers come from a generator seeded by
+        (seed, global step), so a resumed run draws the same masks. Returns (output, m, head input).
+        """
+        g = self.run_config.guidance
+        generator = torch.Generator().manual_seed(self.run_config.seed * 1_000_003 + int(self.global_step))
+        m = synthetic_anomaly_masks(tuple(x.shape), generator, brain_mask,
+                                    empty_probability=1.0 - g.mask_probability)
+        x_head = paste_intensity(x, m, generator, g.paste_probability)
+        net = self.network
+        z, mu, logvar = net.prior.encode(x)
+        decoded = net.prior.decode(z)
+        velocity = net.predict_velocity(x_head, decoded.image, decoded.features, guidance=m)
+        prior = decoded.image.detach() if net.detach_prior else decoded.image
+        warped, velocity, displacement = net.deform(prior, velocity)
+        out = ModelOutput(decoded.image, warped, velocity, displacement, mu, logvar, decoded.log_variance, z)
+        return out, m, x_head
+
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
         beta = self.registration_weight(self.current_epoch)
-        out = self.network(batch.image)
-        terms = self.compute_losses(batch.image, out, beta)
+        if self.run_config.guidance.strategy == "conditioned":
+            out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
+            terms = self.compute_losses(batch.image, out, beta, guidance=m, registration_target=x_head)
+        else:
+            out = self.network(batch.image)
+            terms = self.compute_losses(batch.image, out, beta)
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(
                 f"non-finite training loss at epoch {self.current_epoch}, global step {self.global_step} "

@@ -1,0 +1,75 @@
+"""Guidance masks m ∈ [0, 1] (1 = hold the deformation stiff), from uncertainty or synthetic."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_mask(u: torch.Tensor, threshold: float = 0.5, softness: float = 0.05) -> torch.Tensor:
+    """m = sigmoid((u − threshold) / softness) for u in [0, 1]; ``softness`` → 0 gives a hard
+    threshold (u > threshold)."""
+    if softness <= 0:
+        return (u > threshold).to(u.dtype)
+    return torch.sigmoid((u - threshold) / softness)
+
+
+def dilate_mask(m: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Grey-value dilation of ``(B, 1, H, W)`` m with a (2·radius+1)² square, in pixels."""
+    if radius <= 0:
+        return m
+    return F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)
+
+
+def synthetic_anomaly_masks(shape: tuple[int, int, int, int], generator: torch.Generator,
+                            brain_masks: torch.Tensor | None = None, max_blobs: int = 3,
+                            radius_range: tuple[float, float] = (0.03, 0.15),
+                            amplitude_range: tuple[float, float] = (0.3, 1.0),
+                            empty_probability: float = 0.25) -> torch.Tensor:
+    """Random soft blob masks ``(B, 1, H, W)`` in [0, 1] for training the conditioned head.
+
+    Each sample gets 0..``max_blobs`` elliptical blobs (radii a fraction of the image side) with
+    a random amplitude (so λ(x) = λ₀(1 + α·m) takes random values), restricted to the brain mask
+    when given; with ``empty_probability`` a sample gets no blob (m = 0: plain registration).
+    """
+    b, _, h, w = shape
+    device = brain_masks.device if brain_masks is not None else torch.device("cpu")
+    ys = torch.linspace(0, 1, h, device=device).view(1, h, 1)
+    xs = torch.linspace(0, 1, w, device=device).view(1, 1, w)
+    masks = torch.zeros(b, 1, h, w, device=device)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.rand(*size, generator=generator).to(device)
+
+    counts = torch.randint(1, max_blobs + 1, (b,), generator=generator)
+    empty = rand(b) < empty_probability
+    for k in range(max_blobs):
+        active = ((counts > k) & ~empty.cpu()).to(device).float().view(b, 1, 1)
+        centre = 0.15 + 0.7 * rand(b, 2)
+        radii = radius_range[0] + (radius_range[1] - radius_range[0]) * rand(b, 2)
+        angle = rand(b) * math.pi
+        amplitude = amplitude_range[0] + (amplitude_range[1] - amplitude_range[0]) * rand(b)
+        dy = ys - centre[:, 0].view(b, 1, 1)
+        dx = xs - centre[:, 1].view(b, 1, 1)
+        cos, sin = torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1)
+        u = (cos * dx + sin * dy) / radii[:, 0].view(b, 1, 1)
+        v = (-sin * dx + cos * dy) / radii[:, 1].view(b, 1, 1)
+        blob = torch.sigmoid((1.0 - (u ** 2 + v ** 2)) * 8.0)  # soft edge about 1/8 of the radius
+        masks[:, 0] = torch.maximum(masks[:, 0], active * amplitude.view(b, 1, 1) * blob)
+    if brain_masks is not None:
+        masks = masks * brain_masks
+    return masks
+
+
+def paste_intensity(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+                    probability: float = 0.5) -> torch.Tensor:
+    """Fake anomalies for training: inside m, blend x towards a random constant intensity in
+    [0, 1] (weight = m / max m), for a random ``probability`` fraction of the samples."""
+    b = images.shape[0]
+    device = images.device
+    chosen = (torch.rand(b, generator=generator) < probability).to(device).float().view(b, 1, 1, 1)
+    level = torch.rand(b, generator=generator).to(device).view(b, 1, 1, 1)
+    peak = masks.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
+    weight = chosen * masks / peak
+    return images * (1 - weight) + level * weight
