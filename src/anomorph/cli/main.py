@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    from . import evaluation, train
+    from . import benchmark, evaluation, train
 
-    return [train.register, evaluation.register]
+    return [train.register, evaluation.register, benchmark.register]
 
 
 def main(argv: list[str] | None = None) -> int:
