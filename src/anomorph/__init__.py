@@ -1,27 +1,51 @@
 """anomorph: unsupervised anomaly detection in medical images with uncertainty-guided
 deformable auto-encoders.
 
-The public Python API mirrors the CLI one-to-one::
+The public Python API mirrors the CLI one-to-one (heavy modules load on first use)::
 
-    from anomorph import build_phantom, check_manifest, SliceDataset
+    import anomorph
+    manifest = anomorph.build_phantom("phantom")                       # anomorph phantom
+    anomorph.check_manifest(manifest)                                  # anomorph data check
+    run = anomorph.fit(anomorph.load_config("configs/morphaeus.yaml")) # anomorph fit
+    anomorph.evaluate(runs=[run], manifest=manifest)                   # anomorph evaluate
+    anomorph.predict_files(anomorph.ModelScorer.from_run(run), ["scan.nii.gz"], "pred")
+    anomorph.run_benchmark(anomorph.load_benchmark_config("benchmarks/phantom.yaml"))
+    anomorph.run_demo("runs/demo")                                     # anomorph demo
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from .config import ConfigError, RunConfig, load_config
-from .data import DataError, SliceBatch, SliceConfig, SliceDataset, read_manifest
+from .config import RunConfig, load_config
+from .data import SliceBatch, SliceConfig, SliceDataset, read_manifest
 from .data.summary import check_manifest
+from .errors import AnomorphError, CheckpointError, ConfigError, DataError
+
+_LAZY = {
+    "build_phantom": "anomorph.data.phantom",
+    "PhantomConfig": "anomorph.data.phantom",
+    "fit": "anomorph.training.fit",
+    "load_run": "anomorph.training.fit",
+    "evaluate": "anomorph.evaluation.api",
+    "ModelScorer": "anomorph.evaluation.inference",
+    "ThresholdScorer": "anomorph.evaluation.inference",
+    "predict_files": "anomorph.evaluation.predict",
+    "GuidedScorer": "anomorph.guidance.scorer",
+    "run_benchmark": "anomorph.benchmark.runner",
+    "load_benchmark_config": "anomorph.benchmark.runner",
+    "run_demo": "anomorph.benchmark.demo",
+}
 
 
-def build_phantom(*args, **kwargs):
-    """Build the built-in brain phantom; see :func:`anomorph.data.phantom.build_phantom`."""
-    from .data.phantom import build_phantom as _build
-
-    return _build(*args, **kwargs)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'anomorph' has no attribute {name!r}")
 
 
 __all__ = [
-    "__version__", "ConfigError", "RunConfig", "load_config", "DataError", "SliceBatch", "SliceConfig",
-    "SliceDataset", "read_manifest", "check_manifest", "build_phantom",
+    "__version__", "RunConfig", "load_config", "SliceBatch", "SliceConfig", "SliceDataset", "read_manifest",
+    "check_manifest", "AnomorphError", "CheckpointError", "ConfigError", "DataError", *_LAZY,
 ]
