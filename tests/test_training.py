@@ -90,3 +90,22 @@ def test_incompatible_checkpoint_gives_clear_error(tiny_phantom, tmp_path):
     torch.save(ckpt, run / "checkpoints" / "best.ckpt")
     with pytest.raises(CheckpointError, match="do not match"):
         load_run(run)
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(tiny_phantom, tmp_path, monkeypatch):
+    from anomorph.errors import NonFiniteLossError
+    from anomorph.training.module import AnomalyModule
+
+    original = AnomalyModule.compute_losses
+
+    def poisoned(self, x, out, beta, **kwargs):
+        terms = original(self, x, out, beta, **kwargs)
+        if self.training and self.current_epoch == 1:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(AnomalyModule, "compute_losses", poisoned)
+    config = tiny_run_config(tiny_phantom, model="ae", max_epochs=2)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, global step \d+.*last\.ckpt"):
+        fit(config, run_dir=tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["epoch"] == 0

@@ -15,3 +15,7 @@ class ConfigError(AnomorphError):
 
 class CheckpointError(AnomorphError):
     """A checkpoint that cannot be loaded safely or does not match its config."""
+
+
+class NonFiniteLossError(AnomorphError):
+    """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""

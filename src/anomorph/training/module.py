@@ -10,6 +10,7 @@ import torch
 
 from ..config import RunConfig, config_from_dict
 from ..data.types import SliceBatch
+from ..errors import NonFiniteLossError
 from ..guidance.masks import paste_intensity, synthetic_anomaly_masks
 from ..guidance.priors import log_jacobian_anchor
 from ..networks import ModelOutput, build_network
@@ -123,7 +124,7 @@ class AnomalyModule(L.LightningModule):
             out = self.network(batch.image)
             terms = self.compute_losses(batch.image, out, beta)
         if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"non-finite training loss at epoch {self.current_epoch}, global step {self.global_step} "
                 f"(terms: { {k: float(v) for k, v in terms.items()} }); the last good checkpoint is "
                 f"{self.last_checkpoint_hint()}")
