@@ -10,10 +10,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not args.run and not args.method:
         raise SystemExit("anomorph evaluate: give --run RUN_DIR (repeatable) and/or --method threshold")
+    from ..uncertainty.evaluation import parse_options
+
     out = evaluate(runs=args.run or [], manifest=args.data, out_dir=args.out,
                    methods=args.method or [], size=args.size, oracle=not args.no_oracle,
-                   report=not args.no_report, batch_size=args.batch_size)
+                   report=not args.no_report, batch_size=args.batch_size,
+                   uncertainty=args.uncertainty or [], normalise=args.normalise,
+                   normalise_mode=args.normalise_mode,
+                   uncertainty_options=parse_options(args.uncertainty_option or []))
     print(out.table)
+    if out.uncertainty_table:
+        print("\nuncertainty u (AUROC/AUPRC of u against the masks; edge mass: fraction of u on image edges "
+              "of healthy test slices, lower is better, a uniform u scores the edge area; cost: × one forward)")
+        print(out.uncertainty_table)
     if out.notes:
         print("\n".join(out.notes))
     print(f"metrics: {out.files['json']} and {out.files['csv']}")
@@ -52,6 +61,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-oracle", action="store_true", help="skip the oracle row")
     e.add_argument("--no-report", action="store_true", help="skip report.html")
+    from ..uncertainty.estimators import ESTIMATORS
+
+    e.add_argument("--uncertainty", action="append", choices=sorted(ESTIMATORS), metavar="ESTIMATOR",
+                   help=f"uncertainty estimator to evaluate for every run (repeatable; one of "
+                        f"{', '.join(sorted(ESTIMATORS))}); the first one's u fills the report panels. "
+                        f"See docs/uncertainty.md")
+    e.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=True,
+                   help="z-score each estimator against the healthy val slices (default: on)")
+    e.add_argument("--normalise-mode", choices=["pixel", "tissue"], default="pixel",
+                   help="healthy statistics per pixel or per tissue bin (default: pixel)")
+    e.add_argument("--uncertainty-option", action="append", metavar="ESTIMATOR.KEY=VALUE",
+                   help="estimator option, e.g. mc_dropout.passes=8, tta.max_shift=1, "
+                        "normalise.smooth=0 (repeatable)")
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

@@ -15,8 +15,21 @@ def _devices(value: str):
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..training import fit
+    from ..training import fit, fit_ensemble, is_ensemble
 
+    trainer = dict(devices=args.devices, strategy=args.strategy, accelerator=args.accelerator)
+    if args.resume is not None and is_ensemble(args.resume):
+        if args.config is not None or args.overrides:
+            print("note: --resume uses the members' saved config.yaml; --config and overrides are ignored")
+        run_dir = fit_ensemble(None, 0, run_dir=args.resume, resume=True, **trainer)
+        print(f"ensemble directory: {run_dir} (members listed in {run_dir / 'ensemble.yaml'})")
+        return 0
+    if args.ensemble is not None and args.resume is None:
+        run_dir = fit_ensemble(load_config(args.config, args.overrides), args.ensemble, run_dir=args.run_dir,
+                               **trainer)
+        print(f"ensemble directory: {run_dir} (members listed in {run_dir / 'ensemble.yaml'})")
+        print(f"each member RUN_DIR/memberK is an ordinary run directory (seed + K)")
+        return 0
     if args.resume is not None:
         if args.config is not None or args.overrides:
             print("note: --resume uses the run's saved config.yaml; --config and overrides are ignored")
@@ -41,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: OUTPUT_DIR/NAME)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="train a deep ensemble of K runs (seeds seed..seed+K-1) into RUN_DIR/member0..K-1 "
+                        "with RUN_DIR/ensemble.yaml; --resume RUN_DIR continues an ensemble")
     p.add_argument("--accelerator", default=None, help="Lightning accelerator: auto, cpu, gpu (default: config)")
     p.add_argument("--devices", type=_devices, default=None, help="number of devices, 'auto' or a list '0,1'")
     p.add_argument("--strategy", default=None, help="Lightning strategy, e.g. ddp (default: config)")

@@ -186,10 +186,12 @@ def _example(dataset: SliceDataset, index: int, pred: Prediction, i: int) -> Exa
 
 
 def evaluate_methods(scorers: Sequence[Scorer], manifest: str | Path, config: SliceConfig,
-                     batch_size: int = 32, oracle: bool = True) -> tuple[EvaluationData, list[MethodResult]]:
-    """Evaluate several scorers on one manifest (data loaded once); adds the oracle row when
-    the manifest has ``healthy`` for every val/test slice and ``oracle`` is True."""
-    data = EvaluationData.load(manifest, config)
+                     batch_size: int = 32, oracle: bool = True,
+                     data: EvaluationData | None = None) -> tuple[EvaluationData, list[MethodResult]]:
+    """Evaluate several scorers on one manifest (data loaded once, or ``data`` if given); adds the
+    oracle row when the manifest has ``healthy`` for every val/test slice and ``oracle`` is True."""
+    if data is None:
+        data = EvaluationData.load(manifest, config)
     results = [evaluate_scorer(s, data, batch_size) for s in scorers]
     if oracle and data.has_oracle:
         results.append(evaluate_scorer(OracleScorer(config.size), data, batch_size))

@@ -49,23 +49,31 @@ class Scorer:
 
 
 class ModelScorer(Scorer):
-    """A trained network: anomaly map = |x − x̃| inside the brain mask (SPEC §3)."""
+    """A trained network: anomaly map = |x − x̃| inside the brain mask (SPEC §3).
+
+    ``estimator``: an uncertainty estimator (or a fitted ``HealthyNormaliser``) from
+    :mod:`anomorph.uncertainty`; when given, ``Prediction.uncertainty`` is its u map.
+    """
 
     def __init__(self, network: torch.nn.Module, config: RunConfig, name: str | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", estimator=None) -> None:
         self.network = network.to(device).eval()
         self.config = config
         self.name = name or config.name
         self.deformable = config.model.name == "morphaeus"
         self.size = config.data.size
         self.device = torch.device(device)
+        self.estimator = estimator
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, which: str = "best", device: str = "cpu") -> "ModelScorer":
-        from ..training.fit import load_run
+    def from_run(cls, run_dir: str | Path, which: str = "best", device: str = "cpu",
+                 estimator=None) -> "ModelScorer":
+        """Load a run directory; for an ensemble directory (``anomorph fit --ensemble K``) the
+        scored model is member 0 (the other members are used by the ``ensemble`` estimator)."""
+        from ..training.fit import load_run, resolve_run_dir
 
-        network, config = load_run(run_dir, which)
-        return cls(network, config, device=device)
+        network, config = load_run(resolve_run_dir(run_dir), which)
+        return cls(network, config, device=device, estimator=estimator)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, brain_masks: torch.Tensor,
@@ -77,9 +85,12 @@ class ModelScorer(Scorer):
         brain = brain_masks.to(self.device)
         anomaly = (x - out.warped).abs() * brain
         jacobian = jacobian_determinant(out.displacement) if out.displacement is not None else None
+        uncertainty = None
+        if self.estimator is not None:
+            uncertainty = self.estimator(self.network, x, brain).uncertainty.cpu()
         return Prediction(anomaly.cpu(), out.reconstruction.cpu(), out.warped.cpu(),
                           None if out.displacement is None else out.displacement.cpu(),
-                          None if jacobian is None else jacobian.cpu())
+                          None if jacobian is None else jacobian.cpu(), uncertainty)
 
 
 class ThresholdScorer(Scorer):

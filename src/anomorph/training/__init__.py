@@ -1,4 +1,16 @@
 """Training: Lightning wrappers, data module, losses and the ``fit`` entry point."""
-from .fit import CheckpointError, fit, load_checkpoint, load_run, read_training_log
+from .fit import (
+    CheckpointError,
+    ensemble_members,
+    fit,
+    fit_ensemble,
+    is_ensemble,
+    load_checkpoint,
+    load_ensemble,
+    load_run,
+    read_training_log,
+    resolve_run_dir,
+)
 
-__all__ = ["CheckpointError", "fit", "load_checkpoint", "load_run", "read_training_log"]
+__all__ = ["CheckpointError", "ensemble_members", "fit", "fit_ensemble", "is_ensemble", "load_checkpoint",
+           "load_ensemble", "load_run", "read_training_log", "resolve_run_dir"]

@@ -8,9 +8,16 @@ Run directory layout::
     RUN_DIR/logs/csv/sessionN/metrics.csv   CSV log of the N-th (re)start (read all: read_training_log)
     RUN_DIR/logs/tensorboard/sessionN/      TensorBoard events
     RUN_DIR/figures/val_epochNNN.png  reconstructions per validation epoch
+
+A deep ensemble (``anomorph fit --ensemble K``, :func:`fit_ensemble`) is a directory of K such
+run directories with seeds ``seed + k``, plus ``ensemble.yaml`` listing them::
+
+    RUN_DIR/ensemble.yaml          name, base seed, members (relative paths) and their seeds
+    RUN_DIR/member0 ... memberK-1  ordinary run directories
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -20,6 +27,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+import yaml
 
 from ..errors import CheckpointError
 from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
@@ -151,3 +160,87 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module,
                               f"{str(err).splitlines()[0]} ...") from err
     network.eval()
     return network, config
+
+
+ENSEMBLE_FILE = "ensemble.yaml"
+
+
+def is_ensemble(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` is an ensemble directory (holds ``ensemble.yaml``)."""
+    return (Path(run_dir) / ENSEMBLE_FILE).is_file()
+
+
+def ensemble_members(run_dir: str | Path) -> list[Path]:
+    """The member run directories listed in ``RUN_DIR/ensemble.yaml``, in order."""
+    path = Path(run_dir) / ENSEMBLE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not an ensemble run directory (no {ENSEMBLE_FILE}); "
+                          f"train one with `anomorph fit --ensemble K`")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        members = [Path(run_dir) / str(m) for m in data["members"]]
+    except (yaml.YAMLError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: unreadable ensemble file ({err})") from err
+    if not members:
+        raise ConfigError(f"{path}: lists no members")
+    return members
+
+
+def load_ensemble(run_dir: str | Path, which: str = "best") -> list[tuple[torch.nn.Module, RunConfig]]:
+    """Load every member of an ensemble directory (eval mode, CPU) with its config."""
+    return [load_run(member, which) for member in ensemble_members(run_dir)]
+
+
+def resolve_run_dir(run_dir: str | Path) -> Path:
+    """The run directory to load a single model from: member 0 of an ensemble, else ``run_dir``."""
+    return ensemble_members(run_dir)[0] if is_ensemble(run_dir) else Path(run_dir)
+
+
+def fit_ensemble(config: RunConfig | None, k: int, run_dir: str | Path | None = None, resume: bool = False,
+                 devices: Any = None, strategy: str | None = None, accelerator: str | None = None) -> Path:
+    """Train a deep ensemble: K runs of ``config`` with seeds ``config.seed + k``, one after another.
+
+    Member ``k`` is an ordinary run directory ``RUN_DIR/member{k}`` (same name, seed + k);
+    ``RUN_DIR/ensemble.yaml`` lists them (written before training, so an interrupted ensemble
+    can be resumed). ``resume=True`` resumes members that have a last checkpoint and trains the
+    missing ones (``config`` may then be None: the members' saved configs are used).
+    Returns ``RUN_DIR`` (default ``<output_dir>/<name>``).
+    """
+    if run_dir is None and config is None:
+        raise ConfigError("fit_ensemble needs a config or a run directory")
+    run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
+    if resume and is_ensemble(run_dir):
+        members = ensemble_members(run_dir)
+        seeds = (yaml.safe_load((run_dir / ENSEMBLE_FILE).read_text()) or {}).get("seeds") or []
+        base = load_config(members[0] / "config.yaml") if (members[0] / "config.yaml").is_file() else config
+        for index, member in enumerate(members):
+            trainer_options = dict(devices=devices, strategy=strategy, accelerator=accelerator)
+            if (member / "checkpoints" / "last.ckpt").is_file():
+                fit(load_config(member / "config.yaml"), run_dir=member, resume=True, **trainer_options)
+                continue
+            if (member / "config.yaml").is_file():
+                member_config = load_config(member / "config.yaml")
+            elif base is not None and index < len(seeds):
+                member_config = dataclasses.replace(base, seed=int(seeds[index]))
+            else:
+                raise ConfigError(f"cannot resume ensemble member {member}: no config.yaml and no base config")
+            fit(member_config, run_dir=member, **trainer_options)
+        return run_dir
+    if resume:
+        raise CheckpointError(f"cannot resume: {run_dir / ENSEMBLE_FILE} not found")
+    if config is None:
+        raise ConfigError("fit_ensemble needs a config to train a new ensemble")
+    if int(k) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 members, got --ensemble {k}")
+    if is_ensemble(run_dir) or (run_dir / "checkpoints").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                          f"or choose another --run-dir / name")
+    configs = [dataclasses.replace(config, seed=config.seed + index) for index in range(int(k))]
+    names = [f"member{index}" for index in range(int(k))]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ENSEMBLE_FILE).write_text(yaml.safe_dump(
+        {"name": config.name, "size": int(k), "base_seed": config.seed, "members": names,
+         "seeds": [c.seed for c in configs]}, sort_keys=False))
+    for name, member_config in zip(names, configs):
+        fit(member_config, run_dir=run_dir / name, devices=devices, strategy=strategy, accelerator=accelerator)
+    return run_dir

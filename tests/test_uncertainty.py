@@ -1,0 +1,356 @@
+"""Uncertainty estimators, healthy normalisation, edge/cost diagnostics and their evaluation."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from anomorph.networks import ModelOutput, build_network, warp
+from anomorph.uncertainty import (
+    Augmentation,
+    EnsembleEstimator,
+    HealthyNormaliser,
+    SeededDropout,
+    build_estimator,
+    edge_area_fraction,
+    edge_mask,
+    edge_mass_fraction,
+    relative_cost,
+)
+from anomorph.uncertainty.base import draw_seed
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks on 2 shared, busy cores: one intra-op thread avoids OpenMP barrier stalls
+    (10-100x faster here); restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = dict(image_size=32, channels=[8, 16, 32], strides=[2, 2, 2], latent_dim=16)
+
+
+def ae(**options):
+    torch.manual_seed(0)
+    return build_network({"name": "ae", **SMALL, **options})
+
+
+def morphaeus(**options):
+    torch.manual_seed(0)
+    return build_network({"name": "morphaeus", **SMALL, "head_channels": [8, 16], **options})
+
+
+def smooth_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, size // 4, size // 4, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def modes(network: torch.nn.Module) -> list[bool]:
+    return [m.training for m in network.modules()]
+
+
+class Identity(torch.nn.Module):
+    """x̂ = x̃ = x: every correctly inverted augmentation predicts the input exactly."""
+
+    def forward(self, x):
+        return ModelOutput(reconstruction=x, warped=x)
+
+
+# ----------------------------------------------------------------------------- MC dropout
+def test_mc_dropout_deterministic_given_seed_and_restores_modes():
+    net = morphaeus(dropout=0.3)
+    x = smooth_images(3)
+    net.train()
+    before = modes(net)
+    a = build_estimator("mc_dropout", passes=6, seed=5)(net, x)
+    b = build_estimator("mc_dropout", passes=6, seed=5)(net, x)
+    c = build_estimator("mc_dropout", passes=6, seed=6)(net, x)
+    assert modes(net) == before  # train mode (dropout, batch norm) left as found
+    assert torch.equal(a.raw, b.raw) and torch.equal(a.uncertainty, b.uncertainty)
+    assert not torch.equal(a.raw, c.raw)
+    assert a.raw.shape == (3, 1, 32, 32) and (a.raw > 0).any()
+    assert 0 <= float(a.uncertainty.min()) and float(a.uncertainty.max()) <= 1
+    assert not a.raw.requires_grad
+    # shared masks: a slice's map does not depend on the batch it is in
+    single = build_estimator("mc_dropout", passes=6, seed=5)(net.eval(), x[1:2])
+    assert torch.allclose(single.raw, a.raw[1:2], atol=1e-6)
+    # an explicit generator is used (and advanced) instead of the seed
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(build_estimator("mc_dropout", passes=6)(net, x, generator=g).raw, a.raw)
+
+
+def test_zero_dropout_gives_zero_variance():
+    x = smooth_images(2)
+    with pytest.warns(UserWarning, match="no dropout layer"):
+        out = build_estimator("mc_dropout", passes=4)(ae(dropout=0.0), x)
+    assert torch.count_nonzero(out.raw) == 0 and torch.count_nonzero(out.uncertainty) == 0
+    with pytest.warns(UserWarning, match="dropout=0"):
+        out = build_estimator("mc_dropout", passes=4, dropout=0.0, target="displacement")(morphaeus(dropout=0.3), x)
+    assert torch.count_nonzero(out.raw) == 0
+    assert torch.count_nonzero(out.extras["variance"]) == 0
+
+
+def test_batched_mc_dropout_equals_a_loop_of_single_passes_with_the_same_masks():
+    net = morphaeus(dropout=0.25)
+    x = smooth_images(3, seed=1)
+    passes = 5
+    batched = build_estimator("mc_dropout", passes=passes, target="displacement", seed=2)(net, x)
+    looped = build_estimator("mc_dropout", passes=passes, target="displacement", seed=2, max_batch=3)(net, x)
+    for key in ("mean", "variance", "warped_variance", "displacement_variance"):
+        assert torch.allclose(batched.extras[key], looped.extras[key], atol=1e-6), key
+    # the same masks in N separate full forward passes (encoder not reused) give the same moments
+    seed = draw_seed(torch.Generator().manual_seed(2))
+    samples, displacements = [], []
+    net.eval()
+    with torch.no_grad(), SeededDropout(net, seed) as sampler:
+        for n in range(passes):
+            sampler.passes = [n]
+            out = net(x)
+            samples.append(out.reconstruction)
+            displacements.append(out.displacement)
+    samples, displacements = torch.stack(samples), torch.stack(displacements)
+    assert torch.allclose(samples.mean(0), batched.extras["mean"], atol=1e-6)
+    assert torch.allclose(samples.var(0, unbiased=False), batched.extras["variance"], atol=1e-7)
+    assert torch.allclose(displacements.var(0, unbiased=False).sum(1, keepdim=True),
+                          batched.extras["displacement_variance"], atol=1e-9)
+    assert samples.var(0).max() > 0  # the passes really were stochastic
+    assert torch.allclose(batched.raw, batched.extras["displacement_variance"].sqrt())
+
+
+# ----------------------------------------------------------------------------- TTA
+def test_tta_round_trip_maps_a_known_pattern_back_exactly():
+    pattern = smooth_images(2, seed=3)
+    pattern[:, :, 10:14, 5:9] = 1.0
+    for augmentation in (Augmentation(True, (2, -1), 1.1, 0.95), Augmentation(False, (-2, 2), 0.9, 1.0),
+                         Augmentation(True, (0, 0), 1.0, 1.0)):
+        assert torch.equal(augmentation.invert_geometry(augmentation.apply_geometry(pattern)), pattern)
+        assert torch.allclose(augmentation.invert(augmentation.apply(pattern)), pattern, atol=1e-6)
+        assert not torch.equal(augmentation.apply(pattern), pattern)
+    # a displacement predicted on the flipped image, mapped back, deforms the original image alike
+    flip = Augmentation(True, (0, 0))
+    d_original = torch.zeros(2, 2, 32, 32)
+    d_original[:, 0], d_original[:, 1] = 0.7, 1.5  # rows, columns (pixels)
+    d_augmented = flip.apply_geometry(torch.cat([d_original[:, :1], -d_original[:, 1:]], dim=1))
+    assert torch.equal(flip.invert_displacement(d_augmented), d_original)
+    assert torch.allclose(flip.invert(warp(flip.apply(pattern), d_augmented)), warp(pattern, d_original), atol=1e-6)
+    # identity network: every augmented prediction maps back onto the input → no spread
+    out = build_estimator("tta", augmentations=6, seed=1)(Identity(), pattern)
+    assert torch.allclose(out.extras["mean"], pattern, atol=1e-6)
+    assert float(out.raw.max()) < 1e-5
+    tta = build_estimator("tta", augmentations=6, seed=1)
+    drawn = tta.sample(torch.Generator().manual_seed(0))
+    assert drawn[0].is_identity and not any(a.is_identity for a in drawn[1:])
+    assert all(max(abs(s) for s in a.shift) <= 2 for a in drawn)
+
+
+def test_tta_is_deterministic_and_sees_a_real_network():
+    net = morphaeus(dropout=0.1)
+    x = smooth_images(2)
+    a = build_estimator("tta", augmentations=4, seed=0, target="displacement")(net, x)
+    b = build_estimator("tta", augmentations=4, seed=0, target="displacement")(net, x)
+    assert torch.equal(a.raw, b.raw) and a.raw.shape == (2, 1, 32, 32)
+    prior = build_estimator("tta", augmentations=4, seed=0)(net, x)
+    assert float(prior.raw.mean()) > 0
+
+
+# ----------------------------------------------------------------------------- aleatoric, registration
+def test_aleatoric_needs_a_log_variance_head():
+    x = smooth_images(2)
+    with pytest.raises(ValueError, match="heteroscedastic"):
+        build_estimator("aleatoric")(ae(), x)
+    net = ae(heteroscedastic=True)
+    out = build_estimator("aleatoric")(net, x)
+    expected = torch.exp(0.5 * net.eval()(x).log_variance)
+    assert torch.allclose(out.raw, expected)
+    warped = build_estimator("aleatoric", target="warped")(morphaeus(heteroscedastic=True), x)
+    assert warped.raw.shape == (2, 1, 32, 32)
+
+
+def test_registration_inconsistency():
+    x = smooth_images(2)
+    with pytest.raises(ValueError, match="deformable"):
+        build_estimator("registration")(ae(), x)
+    with pytest.raises(ValueError, match="features"):
+        build_estimator("registration")(morphaeus(head_inputs="features"), x)
+    net = morphaeus()
+    torch.nn.init.zeros_(net.velocity_head.velocity.weight)  # the head outputs v = 0
+    out = build_estimator("registration")(net, x)
+    assert torch.count_nonzero(out.raw) == 0
+    torch.nn.init.normal_(net.velocity_head.velocity.weight, std=0.5)
+    out = build_estimator("registration")(net, x)
+    assert float(out.raw.mean()) > 0.01  # an untrained head is not forward-backward consistent
+    assert out.extras["displacement_forward"].shape == (2, 2, 32, 32)
+
+
+def test_residual_z_is_the_prior_residual_before_registration():
+    net = morphaeus(heteroscedastic=True)
+    x = smooth_images(2)
+    out = build_estimator("residual_z", use_variance=False)(net, x)
+    assert torch.allclose(out.raw, (x - net.eval().prior(x).reconstruction).abs())
+    scaled = build_estimator("residual_z")(net, x)
+    assert torch.allclose(scaled.raw, out.raw * torch.exp(-0.5 * net.prior(x).log_variance))
+
+
+def test_every_estimator_restores_modes_and_build_errors():
+    net = morphaeus(dropout=0.2, heteroscedastic=True)
+    x = smooth_images(2)
+    for training in (True, False):
+        net.train(training)
+        before = modes(net)
+        for name in ("mc_dropout", "tta", "aleatoric", "registration", "residual_z"):
+            options = {"passes": 2} if name == "mc_dropout" else {}
+            out = build_estimator(name, **options)(net, x, brain_masks=torch.zeros(2, 1, 32, 32))
+            assert modes(net) == before, name
+            assert torch.count_nonzero(out.uncertainty) == 0  # u is 0 outside the brain mask
+    with pytest.raises(ValueError, match="unknown uncertainty estimator"):
+        build_estimator("bayes")
+    with pytest.raises(ValueError, match="accepted"):
+        build_estimator("mc_dropout", n=3)
+    with pytest.raises(ValueError, match="run_dir"):
+        build_estimator("ensemble")
+    ensemble = EnsembleEstimator(members=[ae(dropout=0.1), ae(dropout=0.1)])
+    assert torch.count_nonzero(ensemble(ae(), x).raw) == 0  # identical members agree exactly
+
+
+# ----------------------------------------------------------------------------- normalisation
+def test_healthy_normaliser_standardises_its_fit_slices():
+    net = ae()
+    estimator = build_estimator("residual_z")
+    healthy = smooth_images(40, seed=4)
+    brains = torch.ones_like(healthy)
+    brains[:, :, :2] = 0
+    normaliser = HealthyNormaliser.fit(estimator, net, healthy, brains, smooth=0.0, floor=0.0, batch_size=16)
+    out = normaliser(net, healthy, brains)
+    z = out.extras["z"][:, 0, 2:]  # pixels inside every brain mask
+    assert torch.allclose(z.mean(0), torch.zeros_like(z[0]), atol=1e-4)
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones_like(z[0]), atol=1e-3)
+    u = out.uncertainty
+    assert float(u.min()) >= 0 and float(u.max()) <= 1 and torch.count_nonzero(u[:, :, :2]) == 0
+    median_z = float(z.median())
+    assert -0.6 < median_z < 0.6
+    squash = normaliser.squash(torch.tensor([median_z - 0.1, 0.0, median_z + 0.1]))
+    assert squash[0] <= float(u[:, 0, 2:].median()) <= squash[2]
+    assert float((u[:, 0, 2:] > 0.5).float().mean()) < 0.1  # z > 2 is rare on healthy slices
+    # defaults (smoothed statistics): about standardised; a saved state gives the same maps
+    smoothed = HealthyNormaliser.fit(estimator, net, healthy, brains)
+    z = smoothed(net, healthy, brains).extras["z"][:, 0, 2:]
+    assert abs(float(z.mean())) < 0.2 and 0.7 < float(z.std()) < 1.3
+    state = smoothed.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    restored = HealthyNormaliser.from_state(estimator, state)
+    assert torch.equal(restored(net, healthy[:3]).uncertainty, smoothed(net, healthy[:3]).uncertainty)
+
+
+def test_tissue_normaliser_standardises_per_tissue_bin():
+    net = ae()
+    estimator = build_estimator("residual_z")
+    healthy = smooth_images(24, seed=5)
+    normaliser = HealthyNormaliser.fit(estimator, net, healthy, mode="tissue", n_intensity_bins=4,
+                                       n_gradient_bins=2, floor=0.0, min_count=1)
+    z = normaliser(net, healthy).extras["z"]
+    assert abs(float(z.mean())) < 1e-3 and float(z.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+    restored = HealthyNormaliser.from_state(estimator, normaliser.state_dict())
+    assert torch.allclose(restored(net, healthy[:2]).extras["z"], z[:2], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def test_edge_mass_fraction():
+    axis = torch.linspace(-1, 1, 32)
+    r2 = axis[:, None] ** 2 + axis[None, :] ** 2
+    image = (0.3 * r2 + 0.5 * ((axis[:, None].abs() < 0.4) & (axis[None, :].abs() < 0.4))).expand(2, 1, 32, 32)
+    brains = (r2 < 0.95).float().expand(2, 1, 32, 32)
+    edges = edge_mask(image, brains)
+    area = edge_area_fraction(image, brains)
+    assert 0.05 < area < 0.15
+    assert edge_mass_fraction(edges.float(), image, brains) == pytest.approx(1.0)
+    assert edge_mass_fraction(torch.ones_like(image), image, brains) == pytest.approx(area)
+    assert edge_mass_fraction(1.0 - edges.float(), image, brains) == pytest.approx(0.0)
+    assert math.isnan(edge_mass_fraction(torch.zeros_like(image), image, brains))
+
+
+def test_relative_cost_is_a_positive_ratio():
+    net = morphaeus(dropout=0.1)
+    cost = relative_cost(build_estimator("mc_dropout", passes=2), net, smooth_images(2), repeats=1)
+    assert cost > 0 and math.isfinite(cost)
+
+
+# ----------------------------------------------------------------------------- ensemble + evaluate
+@pytest.fixture(scope="module")
+def tiny_ensemble(tiny_phantom, tmp_path_factory):
+    """`anomorph fit --ensemble 2` with Lightning's training replaced by a stub that saves the
+    seeded, untrained network as an ordinary run directory (real fits are tested in
+    test_training.py; this keeps the file fast)."""
+    from anomorph.cli.main import main
+    from anomorph.config import config_to_dict, save_config
+    from anomorph.training.module import network_options
+
+    calls = []
+
+    def fake_fit(config, run_dir=None, resume=False, **trainer):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        torch.manual_seed(config.seed)
+        network = build_network(network_options(config))
+        torch.save({"hyper_parameters": {"config": config_to_dict(config)},
+                    "state_dict": {f"network.{k}": v for k, v in network.state_dict().items()}},
+                   run_dir / "checkpoints" / "last.ckpt")
+        calls.append((config.seed, run_dir.name, resume))
+        return run_dir
+
+    run_dir = tmp_path_factory.mktemp("ensemble") / "ens"
+    overrides = [f"data.manifest={tiny_phantom}", "data.size=32", "data.min_brain_fraction=0.0", "model.name=ae",
+                 "model.channels=[8,16,32]", "model.strides=[2,2,2]", "model.latent_dim=32", "model.dropout=0.2",
+                 "seed=3"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(importlib.import_module("anomorph.training.fit"), "fit", fake_fit)
+        assert main(["fit", "--ensemble", "2", "--run-dir", str(run_dir), *overrides]) == 0
+        assert calls == [(3, "member0", False), (4, "member1", False)]
+        assert main(["fit", "--resume", str(run_dir)]) == 0  # an ensemble resumes member by member
+        assert calls[2:] == [(3, "member0", True), (4, "member1", True)]
+    return run_dir
+
+
+def test_fit_ensemble_writes_seeded_members(tiny_ensemble):
+    from anomorph.evaluation.inference import ModelScorer
+    from anomorph.training import ensemble_members, load_run
+
+    listing = yaml.safe_load((tiny_ensemble / "ensemble.yaml").read_text())
+    assert listing["members"] == ["member0", "member1"] and listing["seeds"] == [3, 4]
+    members = ensemble_members(tiny_ensemble)
+    (net0, config0), (net1, config1) = load_run(members[0]), load_run(members[1])
+    assert (config0.seed, config1.seed) == (3, 4)
+    scorer = ModelScorer.from_run(tiny_ensemble)  # an ensemble directory scores member 0
+    assert scorer.config == config0
+    x = smooth_images(2)
+    estimator = build_estimator("ensemble", run_dir=tiny_ensemble)
+    out = estimator(scorer.network, x)
+    assert float(out.raw.mean()) > 0
+    assert torch.equal(out.raw, estimator(scorer.network, x).raw)
+    recon = torch.stack([net0(x).reconstruction, net1(x).reconstruction])
+    assert torch.allclose(out.raw, recon.std(0, unbiased=False), atol=1e-6)
+
+
+def test_evaluate_reports_uncertainty(tiny_ensemble, tiny_phantom, tmp_path):
+    from anomorph.evaluation.api import evaluate
+
+    out = evaluate([tiny_ensemble], tiny_phantom, tmp_path / "eval", report=False, oracle=False, batch_size=16,
+                   uncertainty=["mc_dropout", "ensemble"], uncertainty_options={"mc_dropout": {"passes": 3}},
+                   uncertainty_cost_repeats=1)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    section = saved["uncertainty"]["run"]
+    assert set(section) == {"mc_dropout", "ensemble"}
+    for values in section.values():
+        assert 0.0 <= values["uncertainty_auroc"] <= 1.0 and 0.0 <= values["uncertainty_auprc"] <= 1.0
+        assert 0.0 <= values["edge_mass_fraction"] <= 1.0 and values["relative_cost"] > 0
+        assert values["normalised"] and values["normaliser_mode"] == "pixel"
+    # the run's own row carries the first estimator's u
+    assert saved["methods"]["run"]["uncertainty_auroc"] == pytest.approx(section["mc_dropout"]["uncertainty_auroc"])
+    assert "mc_dropout" in out.uncertainty_table and "ensemble" in out.uncertainty_table
