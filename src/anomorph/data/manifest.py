@@ -50,7 +50,8 @@ class ManifestRow:
         return ", ".join(parts)
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """The file name without its image suffix (``sub-01.nii.gz`` → ``sub-01``)."""
     name = path.name
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -130,7 +131,7 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
                 brain_mask=paths["brain_mask"],
                 healthy=paths["healthy"],
                 label=label,
-                subject=rec.get("subject", "") or _stem(image),
+                subject=rec.get("subject", "") or file_stem(image),
                 lesion_type=rec.get("lesion_type", ""),
             )
         )

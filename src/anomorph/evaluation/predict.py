@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data.io import atomic_write, load_image, save_like
-from ..data.manifest import IMAGE_SUFFIXES
+from ..data.manifest import file_stem
 from ..data.slices import derive_brain_mask, normalisation_range, normalise, to_model_grid, to_source_grid
 from .inference import Scorer
 
@@ -33,14 +33,6 @@ class PredictedVolume:
     pseudo_healthy: np.ndarray
     warped: np.ndarray
     brain_mask: np.ndarray
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def predict_volume(scorer: Scorer, volume: np.ndarray, brain_mask: np.ndarray | None = None,
@@ -118,7 +110,7 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
     for path, volume, geometry in loaded:
         slice_axis = 2 if geometry.is_2d else axis
         result = predict_volume(scorer, volume, None, slice_axis, percentiles)
-        stem = _stem(path)
+        stem = file_stem(path)
         files: dict[str, Path] = {}
         for name in MAP_NAMES:
             array = getattr(result, name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..config import DataConfig
 from ..data import SliceConfig, SliceDataset, collate_slices, read_manifest
@@ -20,10 +20,31 @@ def slice_config(data: DataConfig) -> SliceConfig:
     )
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Random order that depends only on (seed, epoch): Lightning calls :meth:`set_epoch` each
+    epoch, so a run resumed at epoch k draws exactly the order an uninterrupted run draws."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class SliceDataModule(L.LightningDataModule):
     """Train on healthy ``train`` slices; validate on healthy ``val`` slices (SPEC §2).
 
-    Shuffling uses a generator seeded with ``seed`` so the batch order is reproducible.
+    Shuffling depends only on (``seed``, epoch) (:class:`EpochSeededSampler`), so the batch
+    order is reproducible and survives a resume.
     """
 
     def __init__(self, data: DataConfig, seed: int = 0) -> None:
@@ -46,9 +67,9 @@ class SliceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.data.batch_size, shuffle=True, drop_last=False,
-                          collate_fn=collate_slices, num_workers=self.data.num_workers, generator=generator,
+        return DataLoader(self.train_set, batch_size=self.data.batch_size,
+                          sampler=EpochSeededSampler(len(self.train_set), self.seed), drop_last=False,
+                          collate_fn=collate_slices, num_workers=self.data.num_workers,
                           persistent_workers=self.data.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

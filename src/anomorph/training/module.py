@@ -163,6 +163,15 @@ class AnomalyModule(L.LightningModule):
                 return cb.last_model_path
         return "(none yet)"
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the CPU RNG state (dropout) so a resumed run continues bit-identically on CPU."""
+        checkpoint["anomorph_cpu_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("anomorph_cpu_rng_state")
+        if isinstance(state, torch.Tensor):
+            torch.set_rng_state(state)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         t = self.run_config.train
         return torch.optim.Adam(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
