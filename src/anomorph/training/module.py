@@ -126,7 +126,7 @@ class AnomalyModule(L.LightningModule):
         if not torch.isfinite(terms["loss"]):
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {self.current_epoch}, global step {self.global_step} "
-                f"(terms: { {k: float(v) for k, v in terms.items()} }); the last good checkpoint is "
+                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); the last good checkpoint is "
                 f"{self.last_checkpoint_hint()}")
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, on_step=True,
                       on_epoch=True, batch_size=len(batch))
