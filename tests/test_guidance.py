@@ -148,3 +148,16 @@ def test_guided_config_validation():
         load_config(None, ["model.name=ae", "guidance.strategy=gating"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config(None, ["model.name=morphaeus", "guidance.strategy=sideways"])
+
+
+def test_iterative_registers_then_holds_where_the_residual_is_abnormal():
+    net = _network()
+    x, brain = _images()
+    config = _config("iterative", dilation=0)
+    with torch.no_grad():
+        free = net(x)
+    calm = GuidedScorer(net, config, "iterative", residual_normaliser=lambda r, _: torch.zeros_like(r))
+    assert torch.allclose(calm(x, brain).warped, free.warped, atol=1e-3)  # u = 0 → plain registration
+    alarmed = GuidedScorer(net, config, "iterative", residual_normaliser=lambda r, _: torch.ones_like(r))
+    pred = alarmed(x, brain)  # u = 1 everywhere after round 1 → the second round holds still
+    assert float(pred.displacement.abs().max()) < 1e-3

@@ -39,7 +39,7 @@ class GuidedScorer(Scorer):
             raise ValueError("guided scoring needs a deformable (morphaeus) model")
         if strategy == "conditioned" and getattr(network, "guidance_channels", 0) < 1:
             raise ValueError("the 'conditioned' strategy needs a model trained with guidance.strategy: conditioned")
-        if not oracle and uncertainty is None and strategy != "none":
+        if not oracle and uncertainty is None and strategy not in ("none", "iterative"):
             raise ValueError("a guided strategy needs an uncertainty source (or oracle=True)")
         self.network = network.eval()
         self.config = config
@@ -77,18 +77,20 @@ class GuidedScorer(Scorer):
             return net(images, guidance=m)
         if self.strategy == "map":
             return self.map_refine(images, net(images), m)
+        if self.strategy == "iterative" and self.oracle:
+            return net(images, velocity_gate=1.0 - m)
         if self.strategy == "iterative":
-            out = net(images, velocity_gate=1.0 - m)
-            for _ in range(max(self.guidance.rounds - 1, 0)):
+            out = net(images)  # round 1: plain registration
+            for _ in range(max(self.guidance.rounds - 1, 1)):
                 m = torch.maximum(m, self.residual_mask(images, out))
                 out = net(images, velocity_gate=1.0 - m)
             return out
         raise ValueError(f"unknown guidance strategy {self.strategy!r}")
 
     def residual_mask(self, images: torch.Tensor, out: ModelOutput) -> torch.Tensor:
-        """Iterative strategy: m from the residual of the previous *guided* registration,
-        normalised by ``residual_normaliser`` (healthy statistics) when given. No gradient flows:
-        this runs at inference only."""
+        """Iterative strategy: m from the residual of the previous registration, z-scored by
+        ``residual_normaliser`` (the unguided residual's statistics on healthy val slices). It
+        depends on φ, so it runs only at inference, under no_grad, never in training."""
         g = self.guidance
         residual = (images - out.warped).abs()
         u = self.residual_normaliser(residual, images) if self.residual_normaliser is not None else residual
@@ -128,8 +130,8 @@ class GuidedScorer(Scorer):
 
     def __call__(self, images: torch.Tensor, brain_masks: torch.Tensor, healthy: torch.Tensor | None = None,
                  lesion_masks: torch.Tensor | None = None) -> Prediction:
-        if self.strategy == "none":
-            m, u = torch.zeros_like(images), None
+        if self.strategy == "none" or (self.strategy == "iterative" and not self.oracle):
+            m, u = torch.zeros_like(images), None  # iterative: u comes from round 1's registration
         else:
             m, u = self.guidance_mask(images, brain_masks, lesion_masks)
         out = self.register(images, m)
