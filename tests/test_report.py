@@ -100,7 +100,7 @@ def report(tmp_path_factory) -> tuple[Path, str, float]:
     out = tmp_path_factory.mktemp("report")
     start = time.perf_counter()
     path = write_report(make_results(), out, title="Test <report> & co",
-                        context={"manifest": "/data/m.csv", "command": "anomorph evaluate --x '<y>'"})
+                        context={"manifest": "data/m.csv", "command": "anomorph evaluate --x '<y>'"})
     return path, path.read_text(encoding="utf-8"), time.perf_counter() - start
 
 
@@ -130,7 +130,7 @@ def test_report_contents_escaped_and_offline(report):
     assert "morphaeus&lt;b&gt;" in text and "guided &amp; co" in text and ">ae<" in text
     assert "ms&lt;lesion&gt;" in text and "tumour" in text and "healthy" in text
     assert "morphaeus<b>" not in text and "ms<lesion>" not in text
-    assert "&lt;y&gt;" in text and "/data/m.csv" in text
+    assert "&lt;y&gt;" in text and "data/m.csv" in text
     for size in ("small", "medium", "large"):
         assert f">{size}<" in text
 
