@@ -658,6 +658,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-size", type=int, default=None, help="size to profile (default: largest)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps to profile (default: 3)")
     parser.add_argument("--no-uncertainty", action="store_true", help="skip the uncertainty estimator timings")
+    parser.add_argument("--demo", type=Path, default=None, metavar="DIR",
+                        help="also run `anomorph demo --out DIR` end to end and report its time per stage")
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run: 32², batch 2, 1 repeat, no warm-up, 1 thread, 256² matmul")
     args = parser.parse_args(argv)
@@ -759,6 +761,17 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def demo_stages(out: Path) -> dict[str, object]:
+    """Run the demo (``anomorph.run_demo``) and return its wall time split by stage (seconds).
+
+    A demo folder that already holds results is reused by the resumable runner, so pass an
+    empty folder for a full measurement."""
+    from anomorph.benchmark.demo import run_demo
+
+    result = run_demo(out)
+    return {"total_s": result.seconds, "stages_s": dict(result.stages), "out": str(out)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
@@ -781,6 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"WARNING: {results['warning']}")
     if results["profile"] is not None:
         print(format_profile(results["profile"]))
+    if args.demo is not None:
+        results["demo"] = demo_stages(args.demo)
+        print(f"demo (end to end, {args.demo}): {results['demo']['total_s']:.0f} s = "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in results["demo"]["stages_s"].items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
