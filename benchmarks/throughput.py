@@ -588,7 +588,7 @@ def format_profile(profile: dict[str, Any]) -> str:
     ]
     for bucket, figures in sorted(profile["buckets"].items(), key=lambda item: -item[1]["ms_per_step"]):
         lines.append(f"  {bucket:<22} {figures['ms_per_step']:9.1f} {100 * figures['fraction']:6.1f}%")
-    lines.append(f"  top ops by self CPU time:")
+    lines.append("  top ops by self CPU time:")
     for op in profile["top_ops"]:
         lines.append(
             f"    {op['op'][:44]:<44} {op['bucket']:<20} {op['ms_per_step']:8.1f} ms "

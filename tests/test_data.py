@@ -1,7 +1,6 @@
 """Data layer: manifest parsing, loading, slicing geometry, normalisation and bad input."""
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import nibabel as nib

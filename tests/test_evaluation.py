@@ -9,15 +9,15 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anomorph.data import SliceConfig, SliceDataset
+from anomorph.data import SliceConfig
 from anomorph.data.phantom import PhantomConfig, build_phantom
 from anomorph.evaluation.api import evaluate
 from anomorph.evaluation.evaluate import EvaluationData, evaluate_scorer
-from anomorph.evaluation.inference import ModelScorer, Prediction, Scorer, ThresholdScorer
+from anomorph.evaluation.inference import Prediction, Scorer, ThresholdScorer
 from anomorph.evaluation.metrics import dice_at_threshold, threshold_at_fpr, threshold_max_dice
 from anomorph.evaluation.predict import predict_files
 from anomorph.training import fit
-from conftest import tiny_run_config, write_csv, write_nifti
+from conftest import tiny_run_config, write_nifti
 
 
 class NoisyOracle(Scorer):

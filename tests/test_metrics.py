@@ -8,7 +8,6 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from anomorph.evaluation import (
-    ExactScores,
     MetricAccumulator,
     ScoreHistogram,
     UndefinedMetric,

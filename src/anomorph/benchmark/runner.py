@@ -12,8 +12,6 @@ evaluations (``metrics.json``) are skipped, a half-trained run resumes from ``la
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import platform
 import time
 from dataclasses import dataclass, field

@@ -28,7 +28,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         run_dir = fit_ensemble(load_config(args.config, args.overrides), args.ensemble, run_dir=args.run_dir,
                                **trainer)
         print(f"ensemble directory: {run_dir} (members listed in {run_dir / 'ensemble.yaml'})")
-        print(f"each member RUN_DIR/memberK is an ordinary run directory (seed + K)")
+        print("each member RUN_DIR/memberK is an ordinary run directory (seed + K)")
         return 0
     if args.resume is not None:
         if args.config is not None or args.overrides:

@@ -8,7 +8,7 @@ meaningful) → slices along ``axis`` over ``slice_range`` → zero-pad to a squ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
