@@ -161,3 +161,23 @@ def test_iterative_registers_then_holds_where_the_residual_is_abnormal():
     alarmed = GuidedScorer(net, config, "iterative", residual_normaliser=lambda r, _: torch.ones_like(r))
     pred = alarmed(x, brain)  # u = 1 everywhere after round 1 → the second round holds still
     assert float(pred.displacement.abs().max()) < 1e-3
+
+
+def test_guided_model_on_healthy_slices_is_close_to_unguided(tiny_phantom):
+    """u normalised on healthy val slices stays low on healthy slices, so m ≈ 0 there."""
+    from anomorph.data import SliceConfig, SliceDataset
+    from anomorph.guidance.sources import uncertainty_source
+
+    net = _network()
+    healthy = SliceDataset(tiny_phantom, ["train"], SliceConfig(size=32, min_brain_fraction=0.0), healthy_only=True)
+    fit_images, fit_brains = healthy.images[::2], healthy.brain_masks[::2]
+    test_images, test_brains = healthy.images[1::2], healthy.brain_masks[1::2]
+    source, _ = uncertainty_source("residual_z", net, fit_images, fit_brains)
+    scorer = GuidedScorer(net, _config(threshold=0.99), "gating", source)
+    guided = scorer(test_images, test_brains)
+    with torch.no_grad():
+        free = net(test_images)
+    m, _ = scorer.guidance_mask(test_images, test_brains, None)
+    assert float(m.mean()) < 0.05
+    brain = test_brains > 0
+    assert float((guided.warped - free.warped).abs()[brain].mean()) < 0.1 * float((test_images - free.warped).abs()[brain].mean())
