@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from anomorph.config import load_config
-from anomorph.guidance import dilate_mask, log_jacobian_anchor, soft_mask, synthetic_anomaly_masks
-from anomorph.guidance.scorer import GuidedScorer
+from anomorph.guidance import dilate_mask, log_jacobian_anchor, ramp_mask, synthetic_anomaly_masks
+from anomorph.guidance.scorer import STRATEGIES, GuidanceSignal, GuidedScorer
 from anomorph.networks import build_network
 from anomorph.training import losses
 
@@ -93,22 +93,101 @@ def test_test_time_map_lowers_its_objective():
     with torch.no_grad():
         start = net(x)
     history: list[float] = []
-    out = scorer.map_refine(x, start, m, history)
+    out = scorer.strategy_impl.refine(scorer, x, start, m, history)
     assert len(history) == 16
     assert history[-1] < history[0]
     assert out.displacement.shape == (3, 2, 32, 32)
     assert not out.velocity.requires_grad
 
 
-def test_soft_mask_and_dilation():
-    u = torch.tensor([0.0, 0.45, 0.5, 0.55, 1.0]).view(1, 1, 1, 5)
-    m = soft_mask(u, 0.5, 0.05)
-    assert float(m[..., 2]) == pytest.approx(0.5)
-    assert torch.all(m[..., 1:] >= m[..., :-1])
-    assert torch.equal(soft_mask(u, 0.5, 0.0), (u > 0.5).float())
+def test_ramp_mask_spans_zero_to_one_and_dilation():
+    z = torch.tensor([-1.0, 1.9, 2.0, 2.5, 3.0, 7.0, float("inf"), float("nan")]).view(1, 1, 1, 8)
+    m = ramp_mask(z, threshold=3.0, softness=1.0)
+    assert m.flatten().tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 0.0]
+    assert torch.equal(ramp_mask(z, 3.0, 0.0), (torch.nan_to_num(z, nan=-1) >= 3.0).float())
+    # on u itself (normalise off): u = 1 gives m = 1 (the old sigmoid mask stopped at 0.55)
+    u = torch.tensor([0.0, 0.85, 1.0]).view(1, 1, 1, 3)
+    assert ramp_mask(u, threshold=0.9, softness=0.1).flatten().tolist() == pytest.approx([0.0, 0.5, 1.0])
     point = torch.zeros(1, 1, 7, 7)
     point[0, 0, 3, 3] = 1
     assert int(dilate_mask(point, 2).sum()) == 25
+
+
+def _constant_source(u_value: float, score_value: float):
+    def source(net, images, brains):
+        return GuidanceSignal(torch.full_like(images, u_value), torch.full_like(images, score_value))
+    return source
+
+
+def test_gating_with_full_uncertainty_holds_the_field_exactly():
+    """u = 1 (z = +inf) → m = 1 → d = 0 there, not merely smaller."""
+    net = _network()
+    x, brain = _images()
+    scorer = GuidedScorer(net, _config(dilation=0), "gating", _constant_source(1.0, float("inf")))
+    pred = scorer(x, brain)
+    assert float(pred.guidance_mask.min()) == 1.0
+    assert float(pred.displacement.abs().max()) < 1e-5
+    # a lesion-shaped m: the field is zero inside the square, free outside
+    lesion = torch.zeros_like(x)
+    lesion[:, :, 10:20, 10:20] = 1
+    oracle = GuidedScorer(net, _config(dilation=0), "gating", oracle=True)
+    pred = oracle(x, brain, lesion_masks=lesion)
+    assert float(pred.displacement[:, :, 10:20, 10:20].abs().max()) < 1e-5
+    assert float(pred.displacement[:, :, :6].abs().mean()) > 0.05
+
+
+def test_masked_similarity_ignores_pixels_under_the_mask():
+    """Changing x only where m = 1 leaves the MAP / cost-masking objective unchanged."""
+    net = _network()
+    x, brain = _images()
+    lesion = torch.zeros_like(x)
+    lesion[:, :, 8:16, 8:16] = 1
+    scorer = GuidedScorer(net, _config("map", dilation=1), "map", oracle=True)
+    m, _ = scorer.guidance_mask(x, brain, lesion)
+    assert float(m[:, :, 7:17, 7:17].min()) == 1.0
+    poisoned = x.clone()
+    poisoned[m == 1] = torch.rand(int((m == 1).sum()), generator=torch.Generator().manual_seed(3))
+    assert float((poisoned - x).abs().max()) > 0.3
+    with torch.no_grad():
+        start = net(x)
+    for strategy in ("map", "cost_masking"):
+        impl = STRATEGIES[strategy]()
+        a, _ = impl.objective(scorer, x, start.reconstruction, start.velocity, m)
+        b, _ = impl.objective(scorer, poisoned, start.reconstruction, start.velocity, m)
+        assert float(a) == pytest.approx(float(b), abs=1e-6), strategy
+    # the plain (unmasked) similarity does see those pixels: the control test-time optimisation
+    tto = STRATEGIES["tto"]()
+    a, _ = tto.objective(scorer, x, start.reconstruction, start.velocity, torch.zeros_like(m))
+    b, _ = tto.objective(scorer, poisoned, start.reconstruction, start.velocity, torch.zeros_like(m))
+    assert abs(float(a) - float(b)) > 1e-3
+
+
+def test_controls_differ_from_map_only_in_their_terms():
+    net = _network()
+    x, brain = _images()
+    lesion = torch.zeros_like(x)
+    lesion[:, :, 8:16, 8:16] = 1
+    config = _config("map", map_steps=5, dilation=0)
+    with torch.no_grad():
+        free = net(x)
+    tto = GuidedScorer(net, config, "tto")(x, brain)  # needs no u: m = 0
+    assert float(tto.guidance_mask.abs().max()) == 0.0
+    assert float((tto.warped - free.warped).abs().max()) > 1e-4  # it did optimise
+    cost = GuidedScorer(net, config, "cost_masking", oracle=True)(x, brain, lesion_masks=lesion)
+    full = GuidedScorer(net, config, "map", oracle=True)(x, brain, lesion_masks=lesion)
+    inside = (slice(None), slice(None), slice(8, 16), slice(8, 16))
+    # the anchor (map only) holds the field harder under the mask than cost masking does
+    assert float(full.displacement[inside].norm(dim=1).mean()) < float(cost.displacement[inside].norm(dim=1).mean())
+    with pytest.raises(ValueError, match="no oracle-guided"):
+        GuidedScorer(net, config, "tto", oracle=True)
+    with pytest.raises(ValueError, match="no oracle-guided"):
+        GuidedScorer(net, _config("iterative"), "iterative", oracle=True)
+
+
+def test_strategy_registry_matches_the_config_choices():
+    from anomorph.config import STRATEGIES as CONFIG_STRATEGIES
+
+    assert set(STRATEGIES) == set(CONFIG_STRATEGIES)
 
 
 def test_synthetic_masks_are_deterministic_and_in_range():
@@ -150,17 +229,42 @@ def test_guided_config_validation():
         load_config(None, ["model.name=morphaeus", "guidance.strategy=sideways"])
 
 
+def _signal(value: float):
+    return lambda residual, images: GuidanceSignal(torch.full_like(residual, min(value, 1.0)),
+                                                   torch.full_like(residual, value))
+
+
 def test_iterative_registers_then_holds_where_the_residual_is_abnormal():
     net = _network()
     x, brain = _images()
     config = _config("iterative", dilation=0)
     with torch.no_grad():
         free = net(x)
-    calm = GuidedScorer(net, config, "iterative", residual_normaliser=lambda r, _: torch.zeros_like(r))
-    assert torch.allclose(calm(x, brain).warped, free.warped, atol=1e-3)  # u = 0 → plain registration
-    alarmed = GuidedScorer(net, config, "iterative", residual_normaliser=lambda r, _: torch.ones_like(r))
-    pred = alarmed(x, brain)  # u = 1 everywhere after round 1 → the second round holds still
-    assert float(pred.displacement.abs().max()) < 1e-3
+    calm = GuidedScorer(net, config, "iterative", residual_normaliser=_signal(0.0))
+    assert torch.allclose(calm(x, brain).warped, free.warped, atol=1e-3)  # z = 0 → plain registration
+    alarmed = GuidedScorer(net, config, "iterative", residual_normaliser=_signal(float("inf")))
+    pred = alarmed(x, brain)  # z = inf everywhere after round 1 → the second round holds still
+    assert float(pred.displacement.abs().max()) < 1e-5
+    # the residual mask stays inside the brain
+    half = brain.clone()
+    half[..., :16] = 0
+    pred = alarmed(x, half)
+    assert float(pred.guidance_mask[..., :16].max()) == 0.0 and float(pred.guidance_mask[..., 16:].min()) == 1.0
+
+
+def test_iterative_with_one_round_registers_once():
+    net = _network()
+    x, brain = _images()
+    calls = []
+    handle = net.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        scorer = GuidedScorer(net, _config("iterative", rounds=1), "iterative", residual_normaliser=_signal(float("inf")))
+        pred = scorer(x, brain)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    with torch.no_grad():
+        assert torch.allclose(pred.warped, net(x).warped)
 
 
 def test_guided_model_on_healthy_slices_is_close_to_unguided(tiny_phantom):
@@ -173,7 +277,7 @@ def test_guided_model_on_healthy_slices_is_close_to_unguided(tiny_phantom):
     fit_images, fit_brains = healthy.images[::2], healthy.brain_masks[::2]
     test_images, test_brains = healthy.images[1::2], healthy.brain_masks[1::2]
     source, _ = uncertainty_source("residual_z", net, fit_images, fit_brains)
-    scorer = GuidedScorer(net, _config(threshold=0.99), "gating", source)
+    scorer = GuidedScorer(net, _config(threshold=4), "gating", source)  # z ≥ 4: m = 1
     guided = scorer(test_images, test_brains)
     with torch.no_grad():
         free = net(test_images)

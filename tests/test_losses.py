@@ -184,3 +184,31 @@ def test_beta_schedule_values():
     assert beta_schedule(0, 0, 0, 1e-3, 3.0) == pytest.approx(3.0)
     with pytest.raises(ValueError):
         beta_schedule(0, -1, 10, 0.0, 1.0)
+
+
+def test_masked_local_ncc_excludes_masked_pixels_from_every_window():
+    from anomorph.training.losses import local_ncc_map, masked_local_ncc_loss, masked_local_ncc_map
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(2, 1, 24, 24, generator=g), torch.rand(2, 1, 24, 24, generator=g)
+    ones = torch.ones(2, 1, 24, 24)
+    # w ≡ 1: the plain local NCC wherever the 9×9 window lies inside the image
+    assert torch.allclose(masked_local_ncc_map(x, y, ones)[..., 4:-4, 4:-4], local_ncc_map(x, y)[..., 4:-4, 4:-4],
+                          atol=1e-5)
+    keep = ones.clone()
+    keep[:, :, 6:14, 8:16] = 0
+    x2, y2 = x.clone(), y.clone()
+    x2[keep == 0] = 5.0
+    y2[keep == 0] = -3.0
+    assert torch.equal(masked_local_ncc_map(x, y, keep) * keep, masked_local_ncc_map(x2, y2, keep) * keep)
+    assert float(masked_local_ncc_loss(x, y, keep)) == pytest.approx(float(masked_local_ncc_loss(x2, y2, keep)), abs=1e-7)
+    # a brute-force weighted NCC at one pixel whose window straddles the mask
+    r, c = 10, 18
+    wx = x[0, 0, r - 4:r + 5, c - 4:c + 5]
+    wy = y[0, 0, r - 4:r + 5, c - 4:c + 5]
+    ww = keep[0, 0, r - 4:r + 5, c - 4:c + 5]
+    n = ww.sum()
+    mx, my = (ww * wx).sum() / n, (ww * wy).sum() / n
+    cross = (ww * (wx - mx) * (wy - my)).sum()
+    expected = -(cross ** 2) / ((ww * (wx - mx) ** 2).sum() * (ww * (wy - my) ** 2).sum())
+    assert float(masked_local_ncc_map(y, x, keep)[0, 0, r, c]) == pytest.approx(float(expected), rel=1e-4)

@@ -92,26 +92,32 @@ class TrainConfig:
 class GuidanceConfig:
     """Uncertainty-guided regularisation of the deformation (deformable models only; SPEC §3).
 
-    strategy: "none", "gating", "conditioned", "map" or "iterative" (used at inference; the
-        "conditioned" strategy also changes training: the head reads m, see below).
-    estimator: uncertainty estimator giving u (see docs/uncertainty.md), or "oracle" (m = the
-        dilated ground-truth mask: the oracle-guided row).
-    normalise: z-score u against the estimator's statistics on healthy val slices.
-    threshold / softness: m = sigmoid((u − threshold) / softness). dilation: pixels.
+    strategy: "none", "gating", "conditioned", "map", "cost_masking", "tto" or "iterative" (used
+        at inference; see :mod:`anomorph.guidance.scorer`; "conditioned" also changes training:
+        the head reads m, see below).
+    estimator: uncertainty estimator giving u (see docs/uncertainty.md).
+    normalise: z-score u against the estimator's statistics on healthy val slices; the mask is
+        then cut from that z-score.
+    threshold / softness: m = clamp((score − threshold + softness) / softness, 0, 1), score =
+        the healthy z-score (normalise on; units: healthy standard deviations) or u (normalise
+        off; threshold in [0, 1]). m = 1 where score ≥ threshold, 0 where score ≤ threshold −
+        softness. dilation: pixels, applied to m (and to the oracle's ground-truth mask).
     Conditioned-head training: synthetic blob masks m (``mask_probability`` of the samples get
     blobs), pasted intensity changes inside them with ``paste_probability``; the smoothness
-    weight becomes λ(x) = β·(1 + alpha·m(x)) and a local anchor anchor_weight·m·(‖d‖² +
-    gamma·(log det Jφ)²) is added; NCC is masked by (1 − m).
-    Test-time MAP: ``map_steps`` Adam steps (lr ``map_lr``, pixels) on v minimising
-    Σ(1 − m)·NCC-loss + map_lambda·‖∇v‖² + map_anchor·Σ m‖d‖². iterative: ``rounds`` of
-    register → re-estimate (residual z-score of the guided registration) → register.
+    weight becomes λ(x) = β·(1 + alpha·m(x)) on ‖∇v‖² and a local anchor anchor_weight·m·(‖d‖² +
+    gamma·(log det Jφ)²) is added; the NCC is cost-function masked by (1 − m).
+    Test-time strategies (map, cost_masking, tto): ``map_steps`` Adam steps (lr ``map_lr``,
+    pixels) on v minimising masked-LNCC + map_lambda·‖∇v‖² + map_anchor·mean(m‖d‖²) (map);
+    without the anchor (cost_masking); plain LNCC, m = 0 (tto). iterative: ``rounds``
+    registrations in all (1 = plain), each later one gated by the z-scored residual of the
+    previous one.
     """
 
     strategy: str = "none"
     estimator: str = "residual_z"
     normalise: bool = True
-    threshold: float = 0.5
-    softness: float = 0.05
+    threshold: float = 3.0
+    softness: float = 1.0
     dilation: int = 1
     mask_probability: float = 0.75
     paste_probability: float = 0.5
@@ -125,7 +131,7 @@ class GuidanceConfig:
     rounds: int = 2
 
 
-STRATEGIES = ("none", "gating", "conditioned", "map", "iterative")
+STRATEGIES = ("none", "gating", "conditioned", "map", "cost_masking", "tto", "iterative")
 
 
 @dataclass
@@ -208,6 +214,13 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     config = _from_dict(RunConfig, data)
     if config.guidance.strategy not in STRATEGIES:
         raise ConfigError(f"guidance.strategy: {config.guidance.strategy!r} is not one of {STRATEGIES}")
+    g = config.guidance
+    for key, low in (("softness", 0), ("dilation", 0), ("rounds", 1), ("map_steps", 0)):
+        if not getattr(g, key) >= low:
+            raise ConfigError(f"guidance.{key}: must be >= {low}, got {getattr(g, key)!r}")
+    if not g.normalise and not 0 <= g.threshold <= 1:
+        raise ConfigError(f"guidance.threshold: {g.threshold!r} must be in [0, 1] when guidance.normalise is "
+                          "false (the mask is cut from u itself)")
     if config.guidance.strategy != "none" and config.model.name != "morphaeus":
         raise ConfigError(f"guidance.strategy {config.guidance.strategy!r} needs a deformable model "
                           f"(model.name: morphaeus), got {config.model.name!r}")

@@ -23,7 +23,8 @@ class Prediction:
     reconstruction: pseudo-healthy x̂ in [0, 1]. warped: x̃ = x̂ ∘ φ (== reconstruction for
     non-deformable methods). displacement: d = φ − id in **pixels**, ``(B, 2, H, W)``, channel 0
     along rows (H), or None. jacobian: det ∇φ ``(B, 1, H, W)`` or None. uncertainty: u in
-    [0, 1] or None.
+    [0, 1] or None. guidance_mask: the mask m in [0, 1] a guided scorer held the deformation
+    with (1 = stiff), or None.
     """
 
     anomaly_map: torch.Tensor
@@ -32,6 +33,7 @@ class Prediction:
     displacement: torch.Tensor | None = None
     jacobian: torch.Tensor | None = None
     uncertainty: torch.Tensor | None = None
+    guidance_mask: torch.Tensor | None = None
 
 
 class Scorer:

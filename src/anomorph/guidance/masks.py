@@ -7,12 +7,22 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_mask(u: torch.Tensor, threshold: float = 0.5, softness: float = 0.05) -> torch.Tensor:
-    """m = sigmoid((u − threshold) / softness) for u in [0, 1]; ``softness`` → 0 gives a hard
-    threshold (u > threshold)."""
-    if softness <= 0:
-        return (u > threshold).to(u.dtype)
-    return torch.sigmoid((u - threshold) / softness)
+def ramp_mask(score: torch.Tensor, threshold: float = 3.0, softness: float = 1.0) -> torch.Tensor:
+    """Guidance mask m ∈ [0, 1] from a score, reaching both ends of its range exactly.
+
+    m = clamp((score − (threshold − softness)) / softness, 0, 1): 0 where score ≤ threshold −
+    softness, 1 where score ≥ threshold, linear in between; ``softness`` = 0 gives the hard
+    step (score ≥ threshold). With the healthy z-score as the score (the default guidance
+    signal, see :func:`anomorph.guidance.sources.uncertainty_source`) threshold 3 and softness 1
+    read "hold the field fully where the tissue is ≥ 3 healthy standard deviations away from
+    normal, not at all below 2". Scores of +inf (u = 1) give m = 1; NaN gives 0.
+    """
+    if softness < 0:
+        raise ValueError(f"softness must be >= 0, got {softness}")
+    score = torch.nan_to_num(score, nan=-torch.inf)
+    if softness == 0:
+        return (score >= threshold).to(score.dtype if score.is_floating_point() else torch.float32)
+    return ((score - (threshold - softness)) / softness).clamp(0.0, 1.0)
 
 
 def dilate_mask(m: torch.Tensor, radius: int = 1) -> torch.Tensor:

@@ -173,6 +173,52 @@ def local_ncc_loss(
     return _reduce(values, reduction)
 
 
+def masked_local_ncc_map(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9, smooth_dr: float = 1e-5
+) -> torch.Tensor:
+    """Per-pixel −NCC² whose window statistics count each pixel with its ``weight``.
+
+    ``weight`` w ∈ [0, 1], broadcastable to ``(B, 1, *spatial)`` (e.g. 1 − m for cost-function
+    masking). Every local moment is a w-weighted window sum (means divide by Σw in the window),
+    so a pixel with w = 0 contributes nothing to any window: changing x or y there leaves every
+    value of the map unchanged (exactly, for finite inputs). With w ≡ 1 the map equals
+    :func:`local_ncc_map` wherever the window lies inside the image. Values in [−1, 0].
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ in shape")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    channels = x.shape[1]
+    spatial_dims = x.ndim - 2
+    w = weight.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(x)
+    kernel = torch.ones(kernel_size, dtype=x.dtype, device=x.device)
+    wx, wy = w * x, w * y
+    stacked = torch.cat([w, wy, wx, wy * y, wx * x, wy * x], dim=1)
+    n, t_sum, p_sum, t2_sum, p2_sum, tp_sum = separable_filtering(stacked, [kernel] * spatial_dims).split(channels, 1)
+    n = n.clamp_min(1e-12)
+    t_avg, p_avg = t_sum / n, p_sum / n
+    cross = tp_sum - p_avg * t_sum
+    t_var = torch.clamp(t2_sum - t_avg * t_sum, min=smooth_dr)
+    p_var = torch.clamp(p2_sum - p_avg * p_sum, min=smooth_dr)
+    return -(cross * cross) / (t_var * p_var)
+
+
+def masked_local_ncc_loss(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9
+) -> torch.Tensor:
+    """Cost-function-masked local NCC loss: per sample Σ_p w(p)·(−NCC²(p)) / Σ_p w(p) with the
+    window statistics of :func:`masked_local_ncc_map`, then the mean over the batch.
+
+    Pixels with w = 0 are excluded from both the windows and the average, so the loss does not
+    depend on their intensities at all (the test changes them and compares to float precision).
+    A sample whose weights are all 0 contributes 0. Scalar in [−1, 0].
+    """
+    values = masked_local_ncc_map(x, y, weight, kernel_size)
+    w = weight.to(values.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(values)
+    per_sample = (w * values).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
+    return per_sample.mean()
+
+
 def velocity_smoothness(
     field: torch.Tensor, weight: torch.Tensor | None = None, reduction: str = "mean"
 ) -> torch.Tensor:

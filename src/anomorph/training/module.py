@@ -76,7 +76,8 @@ class AnomalyModule(L.LightningModule):
         if out.velocity is not None and beta is not None:
             keep = None if guidance is None else 1.0 - guidance
             stiffness = None if guidance is None else 1.0 + g.alpha * guidance
-            terms["ncc"] = losses.local_ncc_loss(out.warped, target, kernel_size=t.ncc_window, weight=keep)
+            terms["ncc"] = (losses.local_ncc_loss(out.warped, target, kernel_size=t.ncc_window) if keep is None
+                            else losses.masked_local_ncc_loss(out.warped, target, keep, kernel_size=t.ncc_window))
             terms["smooth"] = losses.velocity_smoothness(out.velocity, weight=stiffness)
             total = total + t.ncc_weight * terms["ncc"] + beta * terms["smooth"]
             if guidance is not None:
