@@ -49,7 +49,9 @@ def test_benchmark_yaml_validation(tmp_path):
 def test_shipped_benchmark_config_is_valid():
     config = load_benchmark_config("benchmarks/phantom.yaml")
     assert config.seeds == [0, 1, 2]
-    assert {m.strategy for m in config.methods if m.kind == "guided"} == {"gating", "map", "iterative", "conditioned"}
+    assert {m.strategy for m in config.methods if m.kind == "guided"} == {
+        "gating", "map", "cost_masking", "tto", "iterative", "conditioned"}
+    assert config.datasets[0].varies_with_seed and config.selection["seed"] == 0
 
 
 def test_tiny_benchmark_end_to_end_and_resume(tiny_phantom, tmp_path):
@@ -79,3 +81,66 @@ def test_tiny_benchmark_end_to_end_and_resume(tiny_phantom, tmp_path):
     run_benchmark(config, stages2)  # everything done: nothing retrained or re-evaluated
     assert "train morphaeus" not in stages2 and "evaluate" not in stages2
     assert (tmp_path / "bench" / "tiny" / "seed0" / "metrics.json").stat().st_mtime_ns == mtime
+
+
+TINY = ["data.size=32", "data.batch_size=8", "data.min_brain_fraction=0.0", "model.channels=[8,16,32]",
+        "model.strides=[2,2,2]", "model.latent_dim=32", "train.max_epochs=2", "train.warmup_epochs=1",
+        "train.beta_ramp_epochs=1", "train.progress_bar=false", "model.head_channels=[8,16]"]
+
+
+def _selection_config(out: Path) -> BenchmarkConfig:
+    phantom = {"size": 32, "n_slices": 4, "n_train": 4, "n_val_healthy": 2, "n_val_lesion": 2, "n_test": 3,
+               "n_test_healthy": 1}
+    return BenchmarkConfig(
+        name="tiny", output_dir=str(out / "bench"), seeds=[0, 1], report_seeds=[], calibration_fraction=0.5,
+        datasets=[DatasetSpec("tiny", str(out / "data" / "seed{seed}" / "manifest.csv"), phantom)],
+        methods=[MethodSpec("morphaeus", "train", config="configs/morphaeus.yaml"),
+                 MethodSpec("gating", "guided", run="morphaeus", strategy="gating", oracle_guided=True),
+                 MethodSpec("tto", "guided", run="morphaeus", strategy="tto", guidance={"map_steps": 2})],
+        overrides=TINY,
+        selection={"seed": 0, "criterion": "pixel_auprc", "train_grid": {"morphaeus": {"train.beta_end": [0.01, 1.0]}},
+                   "guidance_grid": {"gating": {"threshold": [1.0, 3.0], "dilation": [0, 1]}}})
+
+
+def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
+    from anomorph.data.manifest import read_manifest
+
+    config = _selection_config(tmp_path)
+    run_benchmark(config)
+    root = tmp_path / "bench" / "tiny"
+    chosen = json.loads((root / "selection" / "chosen.json").read_text())
+    search = (root / "selection" / "search.csv").read_text().splitlines()
+    assert len(search) == 1 + 2 + 4  # header, two trained β, 2×2 gating values
+    assert chosen["train"]["morphaeus"][0].startswith("train.beta_end=")
+    assert set(chosen["guidance"]["gating"]) == {"threshold", "dilation"}
+    # the calibration subject (healthy, val) is not among the subjects that choose thresholds
+    seed0 = json.loads((root / "seed0" / "metrics.json").read_text())
+    calibration = seed0["context"]["calibration_subjects"]
+    assert len(calibration) == 1 and calibration == chosen["calibration_subjects"]
+    # seed 0 reuses the run the search trained; seed 1 has its own phantom and its own run
+    assert (root / "selection" / "morphaeus").is_dir() and not (root / "morphaeus" / "seed0").exists()
+    assert (root / "morphaeus" / "seed1" / "done").exists()
+    images = [{r.image.name: r.image.read_bytes() for r in read_manifest(tmp_path / "data" / f"seed{s}" / "manifest.csv")}
+              for s in (0, 1)]
+    assert images[0].keys() == images[1].keys() and all(images[0][k] != images[1][k] for k in images[0])
+    assert set(seed0["methods"]) == {"morphaeus", "gating", "gating (oracle-guided)", "tto", "oracle"}
+    assert all("per_subject" in m for m in seed0["methods"].values())
+    # poison the TEST split of the selection seed: the search, redone, chooses exactly the same
+    for row in read_manifest(tmp_path / "data" / "seed0" / "manifest.csv"):
+        if row.split == "test":
+            import nibabel as nib
+            import numpy as np
+
+            img = nib.load(row.image)
+            noise = np.random.default_rng(0).uniform(0, 1000, img.shape).astype(np.float32)
+            nib.save(nib.Nifti1Image(noise, img.affine), row.image)
+    before = (root / "selection" / "search.csv").read_text()
+    (root / "selection" / "chosen.json").unlink()
+    assert json.loads(json.dumps(run_selection_only(config))) == chosen
+    assert (root / "selection" / "search.csv").read_text() == before
+
+
+def run_selection_only(config):
+    from anomorph.benchmark.selection import run_selection
+
+    return run_selection(config, config.datasets[0])

@@ -6,8 +6,12 @@ Layout under ``output_dir``::
     <dataset>/seed<S>/metrics.json       every method of that seed (+ report.html for the first seed)
     results.csv / results.md / results.html   mean ± std over seeds, per method and group
 
+    selection/search.csv, selection/chosen.json   the val search (see :mod:`.selection`)
+    paired.csv / paired.md                      paired per-subject bootstrap CIs vs the reference
+
 Interrupted? Run the same command again: finished runs (a ``done`` marker) and finished
-evaluations (``metrics.json``) are skipped, a half-trained run resumes from ``last.ckpt``.
+evaluations (``metrics.json``, ``selection/chosen.json``) are skipped, a half-trained run
+resumes from ``last.ckpt``.
 """
 from __future__ import annotations
 
@@ -26,11 +30,23 @@ from ..data.io import atomic_write
 
 @dataclass
 class DatasetSpec:
-    """A manifest to benchmark on; ``phantom`` (PhantomConfig fields) builds it when missing."""
+    """A manifest to benchmark on; ``phantom`` (PhantomConfig fields) builds it when missing.
+
+    A ``{seed}`` in ``manifest`` gives every benchmark seed its own data: the phantom is built
+    with ``seed`` = the benchmark seed (+ ``phantom.seed`` when given, as an offset), so seeds
+    vary the data as well as the initialisation.
+    """
 
     name: str
     manifest: str
     phantom: dict[str, Any] | None = None
+
+    @property
+    def varies_with_seed(self) -> bool:
+        return "{seed}" in self.manifest
+
+    def manifest_for(self, seed: int) -> str:
+        return self.manifest.replace("{seed}", str(seed))
 
 
 @dataclass
@@ -60,7 +76,14 @@ class MethodSpec:
 @dataclass
 class BenchmarkConfig:
     """A study: ``seeds`` × ``datasets`` × ``methods``; ``overrides`` apply to every trained
-    method (e.g. ``train.max_epochs=30``); ``report_seeds`` get an HTML report."""
+    method (e.g. ``train.max_epochs=30``); ``report_seeds`` get an HTML report.
+
+    ``calibration_fraction``: share of the healthy val subjects that only calibrate u (healthy
+    normalisers) and never choose thresholds. ``reference``: the method every other row is
+    compared with in the paired table. ``selection``: the val search that chooses every
+    hyperparameter behind a reported number (:class:`.selection.SelectionSpec` fields); empty =
+    no search, the configs' values are used as they are.
+    """
 
     name: str = "benchmark"
     output_dir: str = "runs/benchmark"
@@ -70,6 +93,9 @@ class BenchmarkConfig:
     overrides: list[str] = field(default_factory=list)
     report_seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 32
+    calibration_fraction: float = 0.5
+    reference: str = "morphaeus"
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 KINDS = ("threshold", "train", "guided")
@@ -103,6 +129,18 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
         unknown = set(m.guidance) - {f.name for f in dataclasses.fields(GuidanceConfig)}
         if unknown:
             raise ConfigError(f"{path}: method {m.name!r}: unknown guidance key(s) {sorted(unknown)}")
+    if config.selection:
+        from .selection import SelectionSpec
+
+        try:
+            config.selection = dataclasses.asdict(_from_dict(SelectionSpec, config.selection, "selection"))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+        for name in list(config.selection["train_grid"]) + list(config.selection["guidance_grid"]):
+            if name not in names:
+                raise ConfigError(f"{path}: selection: {name!r} is not a method of this benchmark")
+    if not 0 <= config.calibration_fraction < 1:
+        raise ConfigError(f"{path}: calibration_fraction must be in [0, 1), got {config.calibration_fraction}")
     if not config.datasets or not config.methods:
         raise ConfigError(f"{path}: needs at least one dataset and one method")
     return config
@@ -112,17 +150,20 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def ensure_dataset(spec: DatasetSpec) -> Path:
-    """The dataset's manifest, building the phantom first when ``phantom`` is set and missing."""
-    manifest = Path(spec.manifest)
+def ensure_dataset(spec: DatasetSpec, seed: int = 0) -> Path:
+    """The dataset's manifest for ``seed``, building the phantom first when ``phantom`` is set
+    and the manifest is missing."""
+    manifest = Path(spec.manifest_for(seed))
     if manifest.is_file():
         return manifest
     if spec.phantom is None:
         raise ConfigError(f"dataset {spec.name!r}: manifest {manifest} not found")
     from ..data.phantom import PhantomConfig, build_phantom
 
-    _log(f"building phantom for {spec.name!r} in {manifest.parent}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.phantom.items()}
+    if spec.varies_with_seed:
+        values["seed"] = int(values.get("seed", 0)) + seed
+    _log(f"building phantom for {spec.name!r} (seed {values.get('seed', 0)}) in {manifest.parent}")
     return build_phantom(manifest.parent, PhantomConfig(**values), progress=True)
 
 
@@ -142,30 +183,45 @@ def train_method(config_path: str, overrides: list[str], run_dir: Path) -> Path:
     return run_dir
 
 
-def _guided_scorers(method: MethodSpec, run_dir: Path, data, seed: int) -> list:
-    """The guided scorer (and its oracle-guided twin) of ``method`` on a trained run."""
-    from ..guidance.scorer import GuidedScorer
+def guided_scorers(method: MethodSpec, run_dir: Path, data, seed: int,
+                   guidance_values: dict[str, Any] | None = None) -> list:
+    """The guided scorer (and its oracle-guided twin when the strategy has one) of ``method``
+    on a trained run; u is calibrated on ``data.healthy_reference()`` (the calibration subjects).
+    ``guidance_values`` override the method's ``guidance`` (the val-chosen values); the key
+    ``estimator`` overrides the method's estimator."""
+    from ..guidance.scorer import STRATEGIES, GuidedScorer
     from ..guidance.sources import residual_normaliser, uncertainty_source
     from ..training import load_run
 
     network, config = load_run(run_dir)
-    guidance = dataclasses.replace(config.guidance, **method.guidance)
-    healthy = data.val.labels == 0 if data.val is not None else None
-    if healthy is None or not bool(healthy.any()):
-        raise ConfigError(f"method {method.name!r}: guided scoring needs healthy val slices to normalise u")
-    images, brains = data.val.images[healthy], data.val.brain_masks[healthy]
-    source, _ = uncertainty_source(method.estimator, network, images, brains, guidance.normalise, seed)
+    values = {**method.guidance, **(guidance_values or {})}
+    estimator = values.pop("estimator", method.estimator)
+    guidance = dataclasses.replace(config.guidance, **values)
+    images, brains = data.healthy_reference()
+    strategy = STRATEGIES[method.strategy]
+    source = None
+    if strategy.uses_mask:
+        source, _ = uncertainty_source(estimator, network, images, brains, guidance.normalise, seed)
     residual = residual_normaliser(network, images, brains) if method.strategy == "iterative" else None
     scorers = [GuidedScorer(network, config, method.strategy, source, guidance=guidance, name=method.name,
                             residual_normaliser=residual)]
-    if method.oracle_guided:
+    if method.oracle_guided and strategy.oracle_twin:
         scorers.append(GuidedScorer(network, config, method.strategy, oracle=True, guidance=guidance,
                                     name=f"{method.name} (oracle-guided)"))
     return scorers
 
 
+def method_overrides(config: BenchmarkConfig, method: MethodSpec, manifest: Path, seed: int) -> list[str]:
+    """The config overrides of a trained method's run for ``seed`` (before any chosen values)."""
+    overrides = [f"data.manifest={manifest}", f"seed={seed}", f"name={method.name}",
+                 *config.overrides, *method.overrides]
+    if method.kind == "guided":
+        overrides.append(f"guidance.strategy={method.strategy}")
+    return overrides
+
+
 def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path, seed: int,
-                  runs: dict[str, Path]) -> Path:
+                  runs: dict[str, Path], chosen: dict[str, Any] | None = None) -> Path:
     """Evaluate every method of one seed on one dataset; writes ``<dataset>/seed<S>/metrics.json``."""
     from ..data.slices import SliceDataset
     from ..evaluation.evaluate import EvaluationData, evaluate_scorer, write_results
@@ -182,7 +238,8 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
         from ..data.slices import SliceConfig
 
         slices = SliceConfig()
-    data = EvaluationData.load(manifest, slices)
+    data = EvaluationData.load(manifest, slices, config.calibration_fraction)
+    chosen_guidance = (chosen or {}).get("guidance", {})
     scorers = []
     for method in config.methods:
         if method.kind == "threshold":
@@ -194,7 +251,8 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
             scorers.append(ModelScorer.from_run(runs[method.name]))
             scorers[-1].name = method.name
         else:
-            scorers.extend(_guided_scorers(method, runs[method.name if method.config else method.run], data, seed))
+            scorers.extend(guided_scorers(method, runs[method.name if method.config else method.run], data, seed,
+                                          chosen_guidance.get(method.name)))
     results = []
     for scorer in scorers:
         _log(f"evaluating {scorer.name} (seed {seed}, {dataset.name})")
@@ -202,7 +260,9 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
     if data.has_oracle:
         results.append(evaluate_scorer(OracleScorer(slices.size), data, config.batch_size))
     context = {"benchmark": config.name, "dataset": dataset.name, "manifest": str(manifest), "seed": seed,
-               "machine": f"{platform.node()} ({platform.machine()})"}
+               "machine": f"{platform.node()} ({platform.machine()})", "chosen_on_val": chosen or {},
+               "calibration_subjects": sorted({row.subject for row, _, _ in data.calibration.meta})
+               if data.calibration is not None else []}
     if seed in config.report_seeds:
         from ..reporting.report import write_report
 
@@ -228,22 +288,29 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
 
     started = time.time()
     for dataset in config.datasets:
-        manifest = timed("data", ensure_dataset, dataset)
+        chosen: dict[str, Any] = {}
+        if config.selection:
+            from .selection import run_selection
+
+            chosen = timed("select on val", run_selection, config, dataset)
         for seed in config.seeds:
             metrics = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
             if metrics.is_file():
                 _log(f"{dataset.name} seed {seed}: already evaluated, skipping")
                 continue
+            manifest = timed("data", ensure_dataset, dataset, seed)
             runs: dict[str, Path] = {}
             for method in config.methods:
                 if method.kind == "train" or (method.kind == "guided" and method.config):
-                    overrides = [f"data.manifest={manifest}", f"seed={seed}", f"name={method.name}",
-                                 *config.overrides, *method.overrides]
-                    if method.kind == "guided":
-                        overrides.append(f"guidance.strategy={method.strategy}")
+                    extra = chosen.get("train", {}).get(method.name, [])
+                    reused = chosen.get("runs", {}).get(method.name) if seed == chosen.get("seed") else None
+                    if reused and (Path(reused) / "done").exists():
+                        runs[method.name] = Path(reused)  # the val search trained exactly this run
+                        continue
                     run_dir = Path(config.output_dir) / dataset.name / method.name / f"seed{seed}"
-                    runs[method.name] = timed(f"train {method.name}", train_method, method.config, overrides, run_dir)
-            timed("evaluate", evaluate_seed, config, dataset, manifest, seed, runs)
+                    runs[method.name] = timed(f"train {method.name}", train_method, method.config,
+                                              method_overrides(config, method, manifest, seed) + list(extra), run_dir)
+            timed("evaluate", evaluate_seed, config, dataset, manifest, seed, runs, chosen)
     table = aggregate(config)
     files = write_tables(table, config, elapsed_s=time.time() - started)
     return files

@@ -25,7 +25,7 @@ from ..data.manifest import read_manifest
 from ..data.slices import SliceConfig, SliceDataset
 from ..errors import DataError
 from .inference import OracleScorer, Prediction, Scorer
-from .metrics import MetricAccumulator, ScoreHistogram, size_tertile_edges
+from .metrics import MetricAccumulator, pixel_auprc, ScoreHistogram, size_tertile_edges
 
 EXAMPLES_PER_TYPE = 2
 CURVE_POINTS = 200
@@ -59,7 +59,12 @@ class MethodResult:
 
 @dataclass
 class EvaluationData:
-    """The val and test slices of a manifest, loaded once and shared by every method."""
+    """The val and test slices of a manifest, loaded once and shared by every method.
+
+    ``calibration`` (optional): healthy val subjects set aside for fitting the statistics that
+    calibrate u (healthy normalisers); they are removed from ``val``, so the subjects that
+    calibrate u never choose a threshold (SPEC §4, selection and statistics).
+    """
 
     manifest: Path
     config: SliceConfig
@@ -67,23 +72,58 @@ class EvaluationData:
     test: SliceDataset
     size_edges: tuple[float, float] | None
     example_indices: list[int]
+    calibration: SliceDataset | None = None
 
     @classmethod
-    def load(cls, manifest: str | Path, config: SliceConfig) -> "EvaluationData":
+    def load(cls, manifest: str | Path, config: SliceConfig, calibration_fraction: float = 0.0) -> "EvaluationData":
+        """``calibration_fraction`` ∈ [0, 1): that fraction (rounded up, at least one, never all)
+        of the healthy val subjects, first by sorted subject id, becomes ``calibration``."""
         rows = read_manifest(manifest)
         if not any(r.split == "test" for r in rows):
             raise DataError(f"{manifest}: no test rows to evaluate")
         val = (SliceDataset(manifest, ["val"], config, rows=rows) if any(r.split == "val" for r in rows) else None)
+        calibration = None
+        if calibration_fraction > 0 and val is not None:
+            reserved = set(calibration_subjects(val, calibration_fraction))
+            if reserved:
+                calibration = SliceDataset(manifest, ["val"], config, rows=[r for r in rows if r.subject in reserved])
+                val = SliceDataset(manifest, ["val"], config,
+                                   rows=[r for r in rows if r.split == "val" and r.subject not in reserved])
         test = SliceDataset(manifest, ["test"], config, rows=rows)
         counts = test.masks.flatten(1).sum(1).numpy()
         size_edges = size_tertile_edges(counts) if (counts > 0).any() else None
         return cls(Path(manifest), config, val, test,
                    None if size_edges is None else tuple(float(e) for e in size_edges),
-                   _pick_examples(test, counts))
+                   _pick_examples(test, counts), calibration)
 
     @property
     def has_oracle(self) -> bool:
         return bool(self.test.has_healthy.all()) and (self.val is None or bool(self.val.has_healthy.all()))
+
+    def healthy_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, brain masks) of the healthy slices that calibrate u: ``calibration`` when it
+        was set aside, else the label-0 val slices."""
+        source = self.calibration if self.calibration is not None else self.val
+        if source is None:
+            raise DataError(f"{self.manifest}: no val split: nothing to fit healthy statistics on")
+        healthy = source.labels == 0
+        if not bool(healthy.any()):
+            raise DataError(f"{self.manifest}: no healthy val slices to fit healthy statistics on")
+        return source.images[healthy], source.brain_masks[healthy]
+
+
+def calibration_subjects(val: SliceDataset, fraction: float) -> list[str]:
+    """Healthy val subjects (every slice label 0) reserved for calibration: the first
+    ceil(fraction · n) by sorted id, at least one, and never all of them."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"calibration fraction must be in [0, 1), got {fraction}")
+    abnormal: dict[str, bool] = {}
+    for (row, _, label) in val.meta:
+        abnormal[row.subject] = abnormal.get(row.subject, False) or bool(label)
+    healthy = sorted(s for s, a in abnormal.items() if not a)
+    if fraction == 0 or len(healthy) < 2:
+        return []
+    return healthy[:min(len(healthy) - 1, max(1, math.ceil(fraction * len(healthy))))]
 
 
 def _pick_examples(test: SliceDataset, counts: np.ndarray) -> list[int]:
@@ -137,6 +177,51 @@ def _curves(histogram: ScoreHistogram) -> dict[str, dict[str, list[float]]]:
             "pr": {"recall": tpr[keep].tolist(), "precision": precision[keep].tolist()}}
 
 
+class PerSubjectMetrics:
+    """Pixel AUPRC (exact, = scikit-learn's average precision) and Dice at the val threshold per
+    test subject with a lesion, over its brain pixels: the unit of the paired comparisons.
+
+    Slices of one subject are contiguous in a :class:`SliceDataset`, so a subject's pixels are
+    held only until its last slice has been seen (memory: one subject).
+    """
+
+    def __init__(self, val_threshold: float | None) -> None:
+        self.val_threshold = val_threshold
+        self.results: dict[str, dict[str, Any]] = {}
+        self._current: str | None = None
+        self._lesion_type = ""
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, dataset: SliceDataset, s: slice, maps: np.ndarray, inside: np.ndarray) -> None:
+        masks = dataset.masks[s].numpy() > 0
+        for i, (row, _, _) in enumerate(dataset.meta[s]):
+            if row.subject != self._current:
+                self._flush()
+                self._current, self._lesion_type = row.subject, row.lesion_type or "healthy"
+            self._scores.append(maps[i][inside[i]].astype(np.float64))
+            self._labels.append(masks[i][inside[i]])
+
+    def _flush(self) -> None:
+        if self._current is not None and self._scores:
+            labels = np.concatenate(self._labels)
+            if labels.any():
+                scores = np.concatenate(self._scores)
+                entry: dict[str, Any] = {"lesion_type": self._lesion_type, "n_lesion_pixels": int(labels.sum()),
+                                         "pixel_auprc": float(pixel_auprc(scores, labels))}
+                if self.val_threshold is not None:
+                    predicted = scores > self.val_threshold  # the rule of every Dice here
+                    overlap = 2 * np.sum(predicted & labels)
+                    entry["dice_at_val"] = float(overlap / (predicted.sum() + labels.sum()))
+                self.results[self._current] = entry
+        self._scores, self._labels = [], []
+
+    def compute(self) -> dict[str, dict[str, Any]]:
+        self._flush()
+        self._current = None
+        return dict(self.results)
+
+
 def evaluate_scorer(scorer: Scorer, data: EvaluationData, batch_size: int = 32) -> MethodResult:
     """Run ``scorer`` over val then test of ``data``; all SPEC §4 metrics with breakdowns."""
     thresholds: dict[str, float | None] = {"val_threshold": None, "fpr_threshold": None}
@@ -151,12 +236,14 @@ def evaluate_scorer(scorer: Scorer, data: EvaluationData, batch_size: int = 32) 
     histogram = ScoreHistogram(0.0, 1.0, 4096)
     examples: list[Example] = []
     wanted = set(data.example_indices)
+    subjects = PerSubjectMetrics(thresholds["val_threshold"])
     for s in _batches(data.test, batch_size):
         pred = _score(scorer, data.test, s)
         brains = data.test.brain_masks[s]
         _update(test_acc, data.test, s, pred, scorer.deformable)
         inside = brains.numpy() > 0
         histogram.update(pred.anomaly_map.numpy()[inside], data.test.masks[s].numpy()[inside])
+        subjects.update(data.test, s, pred.anomaly_map.numpy(), inside)
         for index in sorted(wanted.intersection(range(s.start, s.stop))):
             examples.append(_example(data.test, index, pred, index - s.start))
     metrics = test_acc.compute(val_threshold=thresholds["val_threshold"],
@@ -167,6 +254,7 @@ def evaluate_scorer(scorer: Scorer, data: EvaluationData, batch_size: int = 32) 
     elif thresholds["val_threshold"] is None:
         metrics.setdefault("undefined", {})["dice_at_val"] = "no abnormal val slices to tune the threshold on"
     metrics["thresholds"] = thresholds
+    metrics["per_subject"] = subjects.compute()
     return MethodResult(scorer.name, scorer.deformable, metrics, _curves(histogram), examples)
 
 

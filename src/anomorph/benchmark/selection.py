@@ -1,0 +1,194 @@
+"""Choose every hyperparameter behind a benchmark number on the **val** split, by code.
+
+The search runs on the data of one seed (``selection.seed``), before any test pass:
+
+1. every trained method in ``train_grid`` is trained once per combination of its override
+   values (e.g. ``train.beta_end``); an unguided method keeps the combination with the best
+   val ``criterion``;
+2. every guided method in ``guidance_grid`` is scored on val for every combination of its
+   guidance values (``threshold``, ``softness``, ``dilation``, ``map_lambda``, ...; the key
+   ``estimator`` chooses the uncertainty estimator), on the run chosen in step 1 — or, for a
+   method with its own training (``config:``, e.g. the conditioned head), on each of its
+   trained combinations, choosing the pair jointly.
+
+u is calibrated on the val *calibration* subjects (healthy, set aside by
+``calibration_fraction``); the criterion is computed on the remaining val subjects, so the
+subjects that calibrate u never choose a threshold. LPR and HRR are computed on val too, so no
+choice needs the test split. Output, under ``<output_dir>/<dataset>/selection/``:
+``search.csv`` / ``search.md`` (every combination with its val metrics) and ``chosen.json``
+(what the benchmark then uses for every seed); an existing ``chosen.json`` is reused.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..data.io import atomic_write
+
+CRITERIA = ("pixel_auprc", "pixel_auroc", "oracle_best_dice")
+SEARCH_COLUMNS = ("method", "run", "params", "pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr", "chosen")
+
+
+@dataclass
+class SelectionSpec:
+    """``seed``: whose val split chooses. ``criterion``: val metric maximised (one of
+    :data:`CRITERIA`; ``oracle_best_dice`` on val is the best Dice over val thresholds).
+    ``train_grid``: method → {override key: [values]}. ``guidance_grid``: guided method →
+    {guidance key | "estimator": [values]}."""
+
+    seed: int = 0
+    criterion: str = "pixel_auprc"
+    train_grid: dict[str, dict[str, list]] = field(default_factory=dict)
+    guidance_grid: dict[str, dict[str, list]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"selection.criterion: {self.criterion!r} is not one of {CRITERIA}")
+        for kind, grid in (("train_grid", self.train_grid), ("guidance_grid", self.guidance_grid)):
+            for method, values in grid.items():
+                if not isinstance(values, dict) or not all(isinstance(v, list) and v for v in values.values()):
+                    raise ConfigError(f"selection.{kind}.{method}: expected a mapping of key → non-empty list")
+
+
+def combinations(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Cartesian product of a {key: [values]} grid, in a fixed order ([{}] for an empty grid)."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _label(values: dict[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in values.items()) or "default"
+
+
+def run_selection(config, dataset) -> dict[str, Any]:
+    """Run (or reuse) the val search of ``config.selection`` on ``dataset``; returns chosen.json's
+    content: {"seed", "criterion", "train": {method: [overrides]}, "runs": {method: run dir},
+    "guidance": {method: {key: value}}}."""
+    from ..evaluation.evaluate import EvaluationData, evaluate_scorer
+    from ..evaluation.inference import ModelScorer
+    from ..evaluation.metrics import size_tertile_edges
+    from ..training import load_run
+    from ..training.datamodule import slice_config
+    from .runner import _log, ensure_dataset, guided_scorers, method_overrides, train_method
+
+    spec = SelectionSpec(**config.selection)
+    out = Path(config.output_dir) / dataset.name / "selection"
+    chosen_path = out / "chosen.json"
+    if chosen_path.is_file():
+        _log(f"{dataset.name}: val selection already done ({chosen_path})")
+        return json.loads(chosen_path.read_text())
+    methods = {m.name: m for m in config.methods}
+    manifest = ensure_dataset(dataset, spec.seed)
+
+    trained: dict[str, list[tuple[dict[str, Any], Path]]] = {}
+
+    def train_all(name: str) -> list[tuple[dict[str, Any], Path]]:
+        if name not in trained:
+            method = methods[name]
+            runs = []
+            for values in combinations(spec.train_grid.get(name, {})):
+                overrides = [f"{k}={v}" for k, v in values.items()]
+                run_dir = out / name / _label(values)
+                train_method(method.config, method_overrides(config, method, manifest, spec.seed) + overrides, run_dir)
+                runs.append((values, run_dir))
+            trained[name] = runs
+        return trained[name]
+
+    needed = list(spec.train_grid) + [methods[m].run or m for m in spec.guidance_grid]
+    for name in dict.fromkeys(needed):
+        train_all(name)
+    _, first = load_run(next(iter(trained.values()))[0][1])
+    data = EvaluationData.load(manifest, slice_config(first.data), config.calibration_fraction)
+    if data.val is None or not bool((data.val.labels > 0).any()):
+        raise ConfigError(f"dataset {dataset.name!r}: the val search needs val slices with lesions")
+    counts = data.val.masks.flatten(1).sum(1).numpy()
+    on_val = EvaluationData(data.manifest, data.config, None, data.val,
+                            tuple(float(e) for e in size_tertile_edges(counts)), [], data.calibration)
+
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, Any] = {"seed": spec.seed, "criterion": spec.criterion, "train": {}, "runs": {}, "guidance": {},
+                              "calibration_subjects": sorted({r.subject for r, _, _ in data.calibration.meta})
+                              if data.calibration is not None else []}
+
+    def score(scorer, method: str, run_label: str, params: dict[str, Any]) -> float:
+        _log(f"val search: {method} [{run_label}] {params or ''}")
+        metrics = evaluate_scorer(scorer, on_val, config.batch_size).metrics
+        row = {"method": method, "run": run_label, "params": json.dumps(params, sort_keys=True), "chosen": False}
+        row.update({k: metrics.get(k) for k in SEARCH_COLUMNS if k in metrics})
+        rows.append(row)
+        value = metrics.get(spec.criterion)
+        return float("-inf") if value is None else float(value)
+
+    def mark(method: str, run_label: str, params: dict[str, Any]) -> None:
+        for row in rows:
+            if row["method"] == method and row["run"] == run_label and row["params"] == json.dumps(params, sort_keys=True):
+                row["chosen"] = True
+
+    # 1. unguided trained methods: best training combination on val
+    for name in spec.train_grid:
+        if methods[name].kind != "train":
+            continue
+        best = max(((score(ModelScorer.from_run(run_dir), name, _label(values), {}), values, run_dir)
+                    for values, run_dir in trained[name]), key=lambda t: t[0])
+        chosen["train"][name] = [f"{k}={v}" for k, v in best[1].items()]
+        chosen["runs"][name] = str(best[2])
+        mark(name, _label(best[1]), {})
+
+    for name, runs in trained.items():  # trained only as the base of a guided method, no grid
+        if methods[name].kind == "train" and name not in chosen["runs"] and len(runs) == 1:
+            chosen["runs"][name] = str(runs[0][1])
+
+    # 2. guided methods: best guidance values on the chosen run (or jointly with their training)
+    for name, grid in spec.guidance_grid.items():
+        method = methods[name]
+        if method.config:
+            candidates = trained[name]
+        else:
+            base = method.run
+            runs = trained[base]
+            pick = chosen["runs"].get(base)
+            candidates = [(v, r) for v, r in runs if pick is None or str(r) == pick][:1]
+        results = []
+        for values, run_dir in candidates:
+            for params in combinations(grid):
+                scorer = guided_scorers(method, run_dir, on_val, spec.seed, params)[0]
+                results.append((score(scorer, name, _label(values), params), values, run_dir, params))
+        best = max(results, key=lambda t: t[0])
+        chosen["guidance"][name] = best[3]
+        if method.config:
+            chosen["train"][name] = [f"{k}={v}" for k, v in best[1].items()]
+            chosen["runs"][name] = str(best[2])
+        mark(name, _label(best[1]), best[3])
+
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(SEARCH_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "search.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    atomic_write(out / "search.md", lambda tmp: Path(tmp).write_text(search_markdown(rows, spec.criterion)))
+    atomic_write(chosen_path, lambda tmp: Path(tmp).write_text(json.dumps(chosen, indent=2)))
+    return chosen
+
+
+def search_markdown(rows: list[dict[str, Any]], criterion: str) -> str:
+    """The search table as Markdown, the chosen row of each method in bold."""
+    def cell(value: Any) -> str:
+        return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    lines = [f"Val search (criterion: val {criterion}; chosen rows in bold)\n",
+             "| method | training | guidance values | val pixel AUPRC | val pixel AUROC | val best Dice | val LPR | val HRR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["method"], r["run"], r["params"].replace("|", "/")] + [cell(r.get(k)) for k in
+                                                                          ("pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr")]
+        if r["chosen"]:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
