@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from anomorph.evaluation import (
@@ -31,6 +32,8 @@ from anomorph.evaluation import (
     threshold_at_fpr,
     threshold_max_dice,
 )
+from anomorph.evaluation.metrics import displacement_folding_fraction
+from anomorph.networks.deformation import jacobian_determinant
 
 
 def _separable(rng: np.random.Generator, n: int, positive_rate: float = 0.1, dtype=np.float64):
@@ -239,6 +242,83 @@ def test_folding_fraction_on_known_jacobian():
     assert folding_fraction(det) == pytest.approx(11 / 200)
 
 
+def _rows_field(values: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
+    """(1, D, *spatial) displacement whose channel 0 is ``values`` along axis 0, the rest 0."""
+    field = np.zeros((1, len(spatial), *spatial))
+    field[0, 0] = np.asarray(values, dtype=np.float64).reshape(-1, *[1] * (len(spatial) - 1))
+    return field
+
+
+def _brute_force_row_folds(positions: np.ndarray) -> np.ndarray:
+    """Rows i of a map moving only along axis 0 (φ_0 = positions) that reverse orientation with
+    a neighbour: φ(i + 1) − φ(i) ≤ 0 or φ(i) − φ(i − 1) ≤ 0, where that neighbour exists."""
+    n = len(positions)
+    return np.array([(i + 1 < n and positions[i + 1] - positions[i] <= 0)
+                     or (i > 0 and positions[i] - positions[i - 1] <= 0) for i in range(n)])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_displacement_folding_of_a_smooth_affine_field_is_zero(dims):
+    matrix = np.eye(dims) + 0.08 * np.random.default_rng(7).uniform(-1, 1, (dims, dims))
+    spatial = (9, 8, 7)[:dims]
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in spatial], indexing="ij"))
+    field = np.einsum("ij,j...->i...", matrix - np.eye(dims), grid)[None] + 0.3
+    assert np.linalg.det(matrix) > 0
+    assert displacement_folding_fraction(field) == 0.0
+
+
+@pytest.mark.parametrize("spatial", [(8, 6), (6, 5, 4)])
+def test_checkerboard_fold_counts_with_displacement_but_not_with_central_det(spatial):
+    """Displacement +0.75/−0.75 px alternating between neighbouring rows (even count, phase so
+    that the border rows are not folded): the old metric (central-difference det J) says 0,
+    the one-sided criterion flags every interior row."""
+    rows = np.arange(spatial[0])
+    field = _rows_field(0.75 * (-1.0) ** (rows + 1), spatial)
+    central = jacobian_determinant(torch.from_numpy(field)).numpy()
+    assert (central > 0).all() and folding_fraction(central) == 0.0
+    expected = _brute_force_row_folds(rows + field[0, 0].reshape(spatial[0], -1)[:, 0]).mean()
+    assert expected == pytest.approx((spatial[0] - 2) / spatial[0])
+    assert displacement_folding_fraction(field) == pytest.approx(expected)
+    # a true 2D checkerboard d_0 = 0.75·(−1)^(i+j): inside the border ring det J (central) = 1,
+    # yet every pixel there folds with a row neighbour
+    if len(spatial) == 2:
+        board = np.zeros((1, 2, 10, 10))
+        board[0, 0] = 0.75 * (-1.0) ** np.add.outer(np.arange(10), np.arange(10))
+        interior = np.zeros((1, 10, 10), dtype=bool)
+        interior[0, 1:-1, 1:-1] = True
+        det = jacobian_determinant(torch.from_numpy(board)).numpy()
+        assert folding_fraction(det[:, 0], interior) == 0.0
+        assert displacement_folding_fraction(board, interior) == 1.0
+
+
+@pytest.mark.parametrize("spatial", [(24, 5), (24, 4, 3)])
+def test_displacement_folding_of_a_band_that_flips_orientation(spatial):
+    """φ_0(i) = i up to row 8, 16 − i on rows 8..14 (orientation reversed), i − 12 after."""
+    rows = np.arange(spatial[0], dtype=np.float64)
+    positions = np.where(rows <= 8, rows, np.where(rows <= 14, 16 - rows, rows - 12))
+    field = _rows_field(positions - rows, spatial)
+    folded_rows = _brute_force_row_folds(positions)
+    assert folded_rows.nonzero()[0].tolist() == list(range(8, 15))
+    assert displacement_folding_fraction(field) == pytest.approx(folded_rows.mean())
+    brain = np.zeros(spatial, dtype=bool)
+    brain[10:20] = True  # rows 10..19: 5 of its 10 rows are folded
+    assert displacement_folding_fraction(field, brain[None]) == pytest.approx(5 / 10)
+
+
+def test_accumulator_folding_uses_displacement_and_falls_back_to_jacobian_det():
+    size = 8
+    field = _rows_field(0.75 * (-1.0) ** (np.arange(size) + 1), (size, size))
+    field = np.concatenate([field, np.zeros_like(field)])  # slice 1: identity
+    central = jacobian_determinant(torch.from_numpy(field)).numpy()
+    maps, masks = np.random.default_rng(8).random((2, 1, size, size)), np.zeros((2, 1, size, size))
+    both = MetricAccumulator(exact=True)
+    both.update(maps, None, masks, jacobian_det=central, displacement=field)
+    assert both.compute()["folding_fraction"] == pytest.approx((size - 2) / (2 * size))
+    det_only = MetricAccumulator(exact=True)
+    det_only.update(maps, None, masks, jacobian_det=central)
+    assert det_only.compute()["folding_fraction"] == 0.0
+
+
 def test_mean_displacement_inside_outside():
     displacement = np.zeros((1, 2, 4, 4))
     displacement[0, 0, :2] = 3.0
@@ -375,7 +455,8 @@ def test_accumulator_matches_direct_functions():
                                                                     data["recon"], lesion))
     assert result["hrr"] == pytest.approx(healthy_residual_reduction(data["images"], data["warped"],
                                                                      data["recon"], brain & ~lesion))
-    assert result["folding_fraction"] == pytest.approx(folding_fraction(data["det"], brain))
+    # folding comes from the displacement (one-sided criterion) when it is given
+    assert result["folding_fraction"] == pytest.approx(displacement_folding_fraction(data["displacement"], brain))
     inside, outside = mean_displacement_inside_outside(data["displacement"], data["masks"], brain)
     assert (result["mean_displacement_lesion"], result["mean_displacement_healthy"]) == (
         pytest.approx(inside), pytest.approx(outside))

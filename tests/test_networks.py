@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from anomorph.networks import (
     jacobian_determinant,
     warp,
 )
+from anomorph.networks.deformation import folding_mask, one_sided_jacobian_determinants
 
 SMALL = dict(channels=(8, 16, 16), strides=(2, 2, 2), latent_dim=16)
 
@@ -140,6 +142,80 @@ def test_jacobian_of_3d_scaling():
     det = jacobian_determinant(0.2 * grid.unsqueeze(0))
     assert det.shape == (1, 1, size, size, size)
     assert torch.allclose(det, torch.full_like(det, 1.2**3), atol=1e-5)
+
+
+def brute_force_one_sided_determinants(displacement: np.ndarray) -> np.ndarray:
+    """Reference loop: per pixel and per forward/backward choice c (bit j = backward along axis
+    j), det(I + [d(hi_j) − d(lo_j)]_j), the difference that exists at the border."""
+    batch, dims = displacement.shape[:2]
+    spatial = displacement.shape[2:]
+    out = np.empty((batch, 2**dims, *spatial))
+    for b in range(batch):
+        for index in np.ndindex(*spatial):
+            for combination in range(2**dims):
+                jacobian = np.eye(dims)
+                for j in range(dims):
+                    backward = (combination >> j) & 1
+                    if index[j] == 0:
+                        backward = 0
+                    elif index[j] == spatial[j] - 1:
+                        backward = 1
+                    low, high = list(index), list(index)
+                    if backward:
+                        low[j] -= 1
+                    else:
+                        high[j] += 1
+                    jacobian[:, j] += displacement[(b, slice(None), *high)] - displacement[(b, slice(None), *low)]
+                out[(b, combination, *index)] = np.linalg.det(jacobian)
+    return out
+
+
+@pytest.mark.parametrize("spatial", [(7, 6), (5, 4, 6)])
+def test_one_sided_determinants_match_a_brute_force_loop(spatial):
+    generator = torch.Generator().manual_seed(3)
+    displacement = 0.6 * torch.randn(2, len(spatial), *spatial, generator=generator, dtype=torch.float64)
+    dets = one_sided_jacobian_determinants(displacement)
+    assert dets.shape == (2, 2 ** len(spatial), *spatial)
+    expected = brute_force_one_sided_determinants(displacement.numpy())
+    np.testing.assert_allclose(dets.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(folding_mask(displacement)[:, 0], torch.from_numpy((expected <= 0).any(axis=1)))
+    assert 0 < folding_mask(displacement).double().mean() < 1  # this field folds somewhere, not everywhere
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_one_sided_determinants_of_an_affine_field_equal_det_a(dims):
+    """d(p) = (A − I) p + t: every one-sided difference is exact, so all 2^D dets = det A > 0."""
+    matrix = {2: np.array([[1.1, 0.05], [-0.03, 0.95]]),
+              3: np.array([[1.05, 0.02, -0.04], [0.03, 0.9, 0.01], [-0.02, 0.05, 1.1]])}[dims]
+    spatial = (8, 7, 6)[:dims]
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in spatial], indexing="ij"))
+    field = np.einsum("ij,j...->i...", matrix - np.eye(dims), grid) + np.arange(1, dims + 1).reshape(
+        -1, *[1] * dims)
+    dets = one_sided_jacobian_determinants(torch.from_numpy(field[None]))
+    assert torch.allclose(dets, torch.full_like(dets, float(np.linalg.det(matrix))), atol=1e-12)
+    assert not folding_mask(torch.from_numpy(field[None])).any()
+
+
+@pytest.mark.parametrize("spatial", [(8, 5), (6, 5, 4)])
+def test_checkerboard_fold_is_seen_by_one_sided_but_not_central_differences(spatial):
+    """d_0(i) = 0.75·(−1)^(i+1) along axis 0 (even length): φ_0 = i + d_0 goes −0.75, 1.75, 1.25,
+    3.75, 3.25, ... so every interior pixel has a neighbour mapped to the wrong side. The
+    central difference is 0 inside (det J = 1) and +1.5 at both borders (det J = 2.5)."""
+    dims = len(spatial)
+    rows = torch.arange(spatial[0], dtype=torch.float64)
+    displacement = torch.zeros(1, dims, *spatial, dtype=torch.float64)
+    displacement[:, 0] = (0.75 * (-1.0) ** (rows + 1)).view(-1, *[1] * (dims - 1))
+    positions = rows + displacement[0, 0].reshape(spatial[0], -1)[:, 0]
+    assert (positions[2:-1:2] < positions[1:-2:2]).all()  # the discrete map reverses order
+    central = jacobian_determinant(displacement)
+    assert (central > 0).all()
+    assert torch.allclose(central[0, 0, 1:-1], torch.ones_like(central[0, 0, 1:-1]))
+    folded = folding_mask(displacement)[0, 0]
+    expected = torch.zeros(spatial, dtype=torch.bool)
+    expected[1:-1] = True  # the two border rows have only their outward-correct difference
+    assert torch.equal(folded, expected)
+    np.testing.assert_allclose(one_sided_jacobian_determinants(displacement).numpy(),
+                               brute_force_one_sided_determinants(displacement.numpy()), atol=1e-12)
 
 
 # ---------------------------------------------------------------- shapes

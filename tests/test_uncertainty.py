@@ -189,6 +189,56 @@ def test_registration_inconsistency():
     assert out.extras["displacement_forward"].shape == (2, 2, 32, 32)
 
 
+def test_registration_backward_pass_swaps_images_and_features(monkeypatch):
+    """The backward call registers x onto x̂: pair (x̂, x) and the decoder features of the AE
+    run on x̂; the forward call reads (x, x̂) and the features of the AE run on x."""
+    net = morphaeus().eval()
+    x = smooth_images(2, seed=3)
+    with torch.no_grad():
+        forward_decoded = net.prior.decode(net.prior.encode(x)[0])
+        x_hat = forward_decoded.image
+        backward_decoded = net.prior.decode(net.prior.encode(x_hat)[0])
+    calls = []
+    original = net.predict_velocity
+
+    def spy(image, prior, decoder_features=(), guidance=None):
+        calls.append((image.clone(), prior.clone(), [f.clone() for f in decoder_features]))
+        return original(image, prior, decoder_features, guidance)
+
+    monkeypatch.setattr(net, "predict_velocity", spy)
+    build_estimator("registration")(net, x)
+    assert len(calls) == 2
+    (image_f, prior_f, features_f), (image_b, prior_b, features_b) = calls
+    assert torch.equal(image_f, x) and torch.allclose(prior_f, x_hat)
+    assert torch.allclose(image_b, x_hat) and torch.equal(prior_b, x)
+    assert len(features_f) == len(features_b) == len(forward_decoded.features)
+    for got_f, got_b, want_f, want_b in zip(features_f, features_b, forward_decoded.features,
+                                            backward_decoded.features):
+        assert torch.allclose(got_f, want_f) and torch.allclose(got_b, want_b)
+        assert not torch.allclose(got_b, got_f)  # the backward features are not the forward ones
+
+
+@pytest.mark.parametrize("shift", [(1.5, -0.75), (0.0, 2.25)])
+def test_registration_inconsistency_of_exact_inverse_translations(monkeypatch, shift):
+    """v_f = t and v_b = −t (constant): d_f = t, d_b = −t and d_f + d_b ∘ (id + d_f) = 0; with
+    v_b = +t instead the map is ‖2t‖ everywhere (border padding keeps constants exact)."""
+    net = morphaeus().eval()
+    x = smooth_images(2)
+    t = torch.tensor(shift).view(1, 2, 1, 1).expand(2, 2, 32, 32)
+    for sign, expected in ((-1.0, 0.0), (1.0, 2.0 * math.hypot(*shift))):
+        calls = []
+
+        def fake(image, prior, decoder_features=(), guidance=None, sign=sign):
+            calls.append(image)
+            return t.clone() if len(calls) == 1 else sign * t
+
+        monkeypatch.setattr(net, "predict_velocity", fake)
+        out = build_estimator("registration")(net, x)
+        assert torch.allclose(out.extras["displacement_forward"], t, atol=1e-5)
+        assert torch.allclose(out.extras["displacement_backward"], sign * t, atol=1e-5)
+        assert torch.allclose(out.raw, torch.full_like(out.raw, expected), atol=1e-5)
+
+
 def test_residual_z_is_the_prior_residual_before_registration():
     net = morphaeus(heteroscedastic=True)
     x = smooth_images(2)

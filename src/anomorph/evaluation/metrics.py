@@ -67,6 +67,8 @@ __all__ = [
     "healthy_residual_reduction",
     "folding_terms",
     "folding_fraction",
+    "displacement_folding_terms",
+    "displacement_folding_fraction",
     "displacement_norm_terms",
     "mean_displacement_inside_outside",
     "size_tertile_edges",
@@ -631,7 +633,10 @@ def healthy_residual_reduction(x: Any, x_warped: Any, x_recon: Any, healthy_mask
 
 
 def folding_terms(jacobian_det: Any, brain_mask: Any = None) -> RatioSum:
-    """(#pixels with det Jφ ≤ 0, #pixels, #pixels) inside ``brain_mask`` (None = everywhere)."""
+    """(#pixels with det Jφ ≤ 0, #pixels, #pixels) inside ``brain_mask`` (None = everywhere).
+
+    Counts what the given det J says; a central-difference det J misses checkerboard folds,
+    so prefer :func:`displacement_folding_terms` when the displacement is available."""
     det = _finite_scores(jacobian_det, "jacobian_det")
     inside = np.ones(det.size, dtype=bool) if brain_mask is None else _binary(brain_mask)
     if inside.size != det.size:
@@ -643,6 +648,46 @@ def folding_terms(jacobian_det: Any, brain_mask: Any = None) -> RatioSum:
 def folding_fraction(jacobian_det: Any, brain_mask: Any = None) -> float:
     """Fraction of (brain) pixels with det Jφ ≤ 0, in [0, 1]."""
     return folding_terms(jacobian_det, brain_mask).ratio("brain mask")
+
+
+def _displacement_folds(displacement: Any) -> np.ndarray:
+    """Boolean (B, *spatial): True where φ = id + d folds by the one-sided criterion.
+
+    ``displacement`` (B, 2, H, W) or (B, 3, D, H, W) in pixels (numpy or tensor); see
+    :func:`anomorph.networks.deformation.folding_mask`. torch is imported only here, so the
+    rest of this module stays numpy-only.
+    """
+    import torch
+
+    from anomorph.networks.deformation import folding_mask
+
+    field = _to_numpy(displacement).astype(np.float64)
+    if field.ndim not in (4, 5) or field.shape[1] != field.ndim - 2:
+        raise ValueError(f"displacement must be (B, 2, H, W) or (B, 3, D, H, W), got {field.shape}")
+    if not np.isfinite(field).all():
+        raise ValueError("displacement contains NaN or inf")
+    return folding_mask(torch.from_numpy(field))[:, 0].numpy()
+
+
+def displacement_folding_terms(displacement: Any, brain_mask: Any = None) -> RatioSum:
+    """(#folded pixels, #pixels, #pixels) inside ``brain_mask`` (None = everywhere), where a
+    pixel is folded when any of the 2^D one-sided finite-difference det Jφ is ≤ 0
+    (:func:`anomorph.networks.deformation.one_sided_jacobian_determinants`). Unlike
+    :func:`folding_terms` on the central-difference det J this sees checkerboard folds.
+    ``displacement`` (B, 2, H, W) or (B, 3, D, H, W) in pixels; ``brain_mask`` with
+    B·H·W (B·D·H·W) entries, e.g. (B, H, W) or (B, 1, H, W)."""
+    folded = _displacement_folds(displacement).ravel()
+    inside = np.ones(folded.size, dtype=bool) if brain_mask is None else _binary(brain_mask)
+    if inside.size != folded.size:
+        raise ValueError("displacement (per component) and brain_mask must have the same number of pixels")
+    n_inside = int(np.count_nonzero(inside))
+    return RatioSum(float(np.count_nonzero(folded & inside)), float(n_inside), n_inside)
+
+
+def displacement_folding_fraction(displacement: Any, brain_mask: Any = None) -> float:
+    """Fraction in [0, 1] of (brain) pixels where φ = id + d folds by the one-sided criterion;
+    see :func:`displacement_folding_terms`."""
+    return displacement_folding_terms(displacement, brain_mask).ratio("brain mask")
 
 
 def _displacement_norm(displacement: Any) -> np.ndarray:
@@ -862,9 +907,16 @@ class MetricAccumulator:
         ``anomaly_map`` scores (higher = anomalous); ``image`` x (needed with ``recon`` x̂ and
         ``warped`` x̃ for LPR/HRR, else may be None); ``mask`` > 0 = anomalous; ``brain_mask``
         > 0 = evaluated (None = all); ``label`` (B,) 1 = abnormal slice (None = mask non-empty);
-        ``lesion_type`` one string or B strings; ``jacobian_det`` (B,H,W) for folding;
+        ``lesion_type`` one string or B strings; ``jacobian_det`` (B,H,W) det Jφ;
         ``displacement`` (B,2,H,W) in pixels; ``uncertainty`` u (B,H,W) for uncertainty AUROC.
         Optional inputs must be given in every batch or in none.
+
+        ``folding_fraction`` (share of brain pixels where φ folds) is computed from
+        ``displacement`` when it is given, with the one-sided criterion of
+        :func:`displacement_folding_terms` (any of the 2^D one-sided det J ≤ 0; sees
+        checkerboard folds), and ``jacobian_det`` is then ignored for folding. Only when no
+        displacement is given is it det J ≤ 0 on ``jacobian_det`` (fallback for callers that
+        have only det J; with a central-difference det J it misses checkerboard folds).
         """
         scores = _to_numpy(anomaly_map)
         batch = int(scores.shape[0])
@@ -919,9 +971,16 @@ class MetricAccumulator:
                                  ("healthy_residual_recon", (residual_recon * healthy).sum(1)),
                                  ("healthy_pixels", healthy.sum(1))):
                 self._sums[name].append(values.astype(np.float64))
-        if jacobian_det is not None:
-            det = _per_slice(jacobian_det, batch, "jacobian_det")
-            self._sums["folded_pixels"].append(((det <= 0) & inside).sum(1).astype(np.float64))
+        if displacement is not None:  # one-sided criterion; det J is ignored for folding
+            folded = _displacement_folds(displacement).reshape(batch, -1)
+        elif jacobian_det is not None:  # fallback: det J ≤ 0 as given
+            folded = _per_slice(jacobian_det, batch, "jacobian_det") <= 0
+        else:
+            folded = None
+        if folded is not None:
+            if folded.shape != inside.shape:
+                raise ValueError(f"folding map {folded.shape} and brain_mask {inside.shape} differ per slice")
+            self._sums["folded_pixels"].append((folded & inside).sum(1).astype(np.float64))
             self._sums["brain_pixels"].append(inside.sum(1).astype(np.float64))
         if displacement is not None:
             norm = _displacement_norm(displacement).reshape(batch, -1)

@@ -112,6 +112,73 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     return torch.linalg.det(jacobian).unsqueeze(1)
 
 
+def _one_sided_differences(displacement: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward, backward) differences of ``displacement`` along tensor dim ``axis``, 1-pixel spacing.
+
+    forward(p) = d(p + e) − d(p), backward(p) = d(p) − d(p − e). Where one does not exist (the
+    last / first index along ``axis``) the other is used; an axis of size 1 has no neighbour and
+    gets 0 for both (d does not vary along it).
+    """
+    size = displacement.shape[axis]
+    if size < 2:
+        zeros = torch.zeros_like(displacement)
+        return zeros, zeros
+    step = displacement.diff(dim=axis)  # step[i] = d[i + 1] − d[i], size − 1 entries
+    last = step.narrow(axis, size - 2, 1)
+    first = step.narrow(axis, 0, 1)
+    forward = torch.cat([step, last], dim=axis)  # at the last index: the backward difference
+    backward = torch.cat([first, step], dim=axis)  # at the first index: the forward difference
+    return forward, backward
+
+
+def one_sided_jacobian_determinants(displacement: torch.Tensor) -> torch.Tensor:
+    """The 2^D one-sided finite-difference det J of φ(p) = p + d(p); returns ``(B, 2**D, *spatial)``.
+
+    ``displacement``: DDF ``(B, D, *spatial)`` in **pixels**, channel k along spatial axis k,
+    D = 2 or 3. Column j of the Jacobian (the derivative along spatial axis j) is taken with
+    either the forward difference d(p + e_j) − d(p) or the backward difference d(p) − d(p − e_j),
+    for all components at once; output channel c uses, for spatial axis j, the forward
+    difference if bit j of c (bit 0 = the first spatial axis) is 0 and the backward one if it
+    is 1. So channel 0 is all-forward and channel 2**D − 1 all-backward. At the border the
+    missing difference is replaced by the one that exists.
+
+    Each determinant is the signed volume of the image of the simplex spanned by p and one
+    neighbour p ± e_j per axis, divided by that simplex's undeformed signed volume, so unlike the central difference (:func:`jacobian_determinant`, blind to
+    fields alternating between neighbours, e.g. +a/−a) they see every local orientation flip
+    of the discrete map along the grid axes. Following Liu et al. 2022 ("On finite difference
+    Jacobian computation in deformable image registration"), a discrete map is folding-free
+    only if all of them are > 0 (a necessary condition; in 3D that paper also examines
+    simplices not aligned with the grid axes, which are not computed here).
+    Dimensionless: 1 = volume preserved, <= 0 folding.
+    """
+    spatial_dims = displacement.ndim - 2
+    if spatial_dims not in (2, 3) or displacement.shape[1] != spatial_dims:
+        raise ValueError(
+            f"displacement must be (B, 2, H, W) or (B, 3, D, H, W), got {tuple(displacement.shape)}"
+        )
+    # differences[j] = (forward, backward) derivatives along spatial axis j, each (B, D_i, *spatial)
+    differences = [_one_sided_differences(displacement, 2 + j) for j in range(spatial_dims)]
+    eye = torch.eye(spatial_dims, dtype=displacement.dtype, device=displacement.device)
+    determinants = []
+    for combination in range(2**spatial_dims):
+        columns = [differences[j][(combination >> j) & 1] for j in range(spatial_dims)]
+        jacobian = torch.stack(columns, dim=-1).movedim(1, -2) + eye  # (B, *spatial, D_i, D_j)
+        if spatial_dims == 2:
+            det = jacobian[..., 0, 0] * jacobian[..., 1, 1] - jacobian[..., 0, 1] * jacobian[..., 1, 0]
+        else:
+            det = torch.linalg.det(jacobian)
+        determinants.append(det)
+    return torch.stack(determinants, dim=1)
+
+
+def folding_mask(displacement: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(B, 1, *spatial)``: True where any one-sided det J of φ = id + d is <= 0.
+
+    ``displacement`` ``(B, D, *spatial)`` in pixels; see :func:`one_sided_jacobian_determinants`.
+    """
+    return (one_sided_jacobian_determinants(displacement) <= 0).any(dim=1, keepdim=True)
+
+
 def feature_level(image_size: Sequence[int], feature_size: Sequence[int], downsample: int, levels: int) -> int:
     """Head level (resolution ``image_size / 2**(level + downsample)``) nearest to ``feature_size``."""
     ratio = image_size[0] / feature_size[0]

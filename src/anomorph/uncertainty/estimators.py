@@ -511,13 +511,32 @@ class AleatoricEstimator(UncertaintyEstimator):
 class RegistrationEstimator(UncertaintyEstimator):
     """Forward–backward inconsistency of the deformation head, in pixels (MorphAEus only).
 
-    v_f = head(x, x̂) (the usual registration of x̂ onto x), v_b = head(x̂, x) (the pair
-    input swapped; decoder features unchanged), d_f = exp(v_f) − id, d_b = exp(v_b) − id.
-    For consistent registrations φ_b ∘ φ_f = id, so the raw map is
-    ``‖d_f(p) + d_b(p + d_f(p))‖₂`` (composition with the network's integration warp).
-    Needs a head that reads the image pair (``head_inputs`` "pair" or "both"). ``scale``
-    default 0.5 pixels. Cost: one prior pass, two head passes and two integrations.
-    Extras: ``displacement_forward``, ``displacement_backward``, ``reconstruction``.
+    The head is trained as ``head(target, moving, AE-decoder features of the target)`` with
+    the moving image the AE's reconstruction of that target: in ``forward`` it reads
+    (x, x̂ = AE(x), features of decode(encode(x))) and x̂ ∘ φ ≈ x.
+
+    - forward: v_f = head(x, x̂, F(x)), registering x̂ onto x (the model's own registration);
+    - backward: v_b = head(x̂, x, F(x̂)), registering x onto x̂: the pair is swapped *and* the
+      decoder features are recomputed from the backward target, F(x̂) = the decoder features
+      of decode(encode(x̂)), i.e. the AE run on x̂ exactly as ``forward`` runs it on its input.
+
+    F(·) are the features of the AE applied to the head's first ("input"/target) argument, so
+    this is the same head applied to the opposite direction with inputs that correspond to it.
+    Reusing F(x) in the backward pass (an earlier version) fed the head features describing
+    the forward target while asking for the reverse registration, so v_b was not a backward
+    registration. Caveat: the head was only trained on (x, AE(x)) pairs, and in the backward
+    pair the moving image x is not AE(x̂); the inconsistency therefore measures both
+    registration ambiguity and how far (x̂, x) lies from the training pairs; read it as a
+    consistency check of the head, not as a pure registration error.
+    With ``head_inputs="pair"`` the head reads no features and only the swap matters.
+
+    d_f = exp(v_f) − id, d_b = exp(v_b) − id (pixels). For consistent registrations
+    φ_b ∘ φ_f = id, so the raw map is ``‖d_f(p) + d_b(p + d_f(p))‖₂`` in **pixels**,
+    ``(B, 1, *spatial)``, ≥ 0 (composition with the network's integration warp). Needs a
+    head that reads the image pair (``head_inputs`` "pair" or "both"). ``scale`` default 0.5
+    pixels. Cost: two prior passes (one with a pair-only head), two head passes and two
+    integrations. Extras: ``displacement_forward``, ``displacement_backward``,
+    ``reconstruction`` (x̂).
     """
 
     name = "registration"
@@ -530,9 +549,13 @@ class RegistrationEstimator(UncertaintyEstimator):
             raise ConfigError("registration: the deformation head reads decoder features only "
                              "(head_inputs='features'); swapping x and x̂ needs head_inputs 'pair' or 'both'")
         prior = network.prior
-        decoded = prior.decode(prior.encode(images)[0])
+        decoded = prior.decode(prior.encode(images)[0])  # x̂ and F(x)
         velocity_forward = network.predict_velocity(images, decoded.image, decoded.features)
-        velocity_backward = network.predict_velocity(decoded.image, images, decoded.features)
+        if getattr(network, "head_feature_levels", 1):
+            backward_features = prior.decode(prior.encode(decoded.image)[0]).features  # F(x̂)
+        else:  # a pair-only head reads no decoder features
+            backward_features = []
+        velocity_backward = network.predict_velocity(decoded.image, images, backward_features)
         forward = network.integrate(velocity_forward)
         backward = network.integrate(velocity_backward)
         residual = forward + network.integrator.warp_layer(backward, forward)
