@@ -1,6 +1,7 @@
 """Benchmark runner: aggregation math, resumability, and a tiny end-to-end study."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -99,7 +100,8 @@ def _selection_config(out: Path) -> BenchmarkConfig:
                  MethodSpec("tto", "guided", run="morphaeus", strategy="tto", guidance={"map_steps": 2})],
         overrides=TINY,
         selection={"seed": 0, "criterion": "pixel_auprc", "train_grid": {"morphaeus": {"train.beta_end": [0.01, 1.0]}},
-                   "guidance_grid": {"gating": {"threshold": [1.0, 3.0], "dilation": [0, 1]}}})
+                   "guidance_grid": {"gating": {"threshold": [1.0, 3.0], "dilation": [0, 1]}}},
+        uncertainty_quality=[{"name": "residual_z"}, {"name": "deformation", "options": {"quantity": "displacement"}}])
 
 
 def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
@@ -110,6 +112,11 @@ def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
     files = run_benchmark(config)
     root = tmp_path / "bench" / "tiny"
     assert sorted(p.name for p in (root / "figures").glob("guidance_*.png"))  # the explanatory panels
+    assert (root / "figures" / "uncertainty_panels.png").is_file()
+    quality = list(csv.DictReader((root / "uncertainty" / "quality.csv").open()))
+    overall = [r for r in quality if r["group"] == "overall"]
+    assert [r["estimator"] for r in overall] == ["residual_z", "deformation[quantity=displacement]"]
+    assert all(0 <= float(r["u_auroc"]) <= 1 and 0 <= float(r["healthy_false_alarm"]) <= 1 for r in overall)
     assert "paired_markdown" in files and "tto" in files["paired_markdown"].read_text()
     chosen = json.loads((root / "selection" / "chosen.json").read_text())
     search = (root / "selection" / "search.csv").read_text().splitlines()

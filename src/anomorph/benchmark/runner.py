@@ -82,7 +82,9 @@ class BenchmarkConfig:
     normalisers) and never choose thresholds. ``reference``: the method every other row is
     compared with in the paired table. ``selection``: the val search that chooses every
     hyperparameter behind a reported number (:class:`.selection.SelectionSpec` fields); empty =
-    no search, the configs' values are used as they are.
+    no search, the configs' values are used as they are. ``uncertainty_quality``: estimator
+    specs ``{name, options, mode}`` measured as u on val (:mod:`.uncertainty_quality`; needs
+    ``selection``).
     """
 
     name: str = "benchmark"
@@ -96,6 +98,7 @@ class BenchmarkConfig:
     calibration_fraction: float = 0.5
     reference: str = "morphaeus"
     selection: dict[str, Any] = field(default_factory=dict)
+    uncertainty_quality: list[dict[str, Any]] = field(default_factory=list)
 
 
 KINDS = ("threshold", "train", "guided")
@@ -139,6 +142,15 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
         for name in list(config.selection["train_grid"]) + list(config.selection["guidance_grid"]):
             if name not in names:
                 raise ConfigError(f"{path}: selection: {name!r} is not a method of this benchmark")
+    from ..uncertainty.estimators import ESTIMATORS
+
+    for spec in config.uncertainty_quality:
+        if not isinstance(spec, dict) or spec.get("name") not in ESTIMATORS or \
+                set(spec) - {"name", "options", "mode"} or spec.get("mode", "pixel") not in ("pixel", "tissue"):
+            raise ConfigError(f"{path}: uncertainty_quality: {spec!r} must be {{name: one of {sorted(ESTIMATORS)}, "
+                              "options: {...}, mode: pixel|tissue}")
+    if config.uncertainty_quality and not config.selection:
+        raise ConfigError(f"{path}: uncertainty_quality needs a selection section (it uses the val-chosen run)")
     if not 0 <= config.calibration_fraction < 1:
         raise ConfigError(f"{path}: calibration_fraction must be in [0, 1), got {config.calibration_fraction}")
     if not config.datasets or not config.methods:
@@ -201,7 +213,8 @@ def guided_scorers(method: MethodSpec, run_dir: Path, data, seed: int,
     strategy = STRATEGIES[method.strategy]
     source = None
     if strategy.uses_mask:
-        source, _ = uncertainty_source(estimator, network, images, brains, guidance.normalise, seed)
+        source, _ = uncertainty_source(estimator, network, images, brains, guidance.normalise, seed,
+                                       guidance.normaliser_mode)
     residual = residual_normaliser(network, images, brains) if method.strategy == "iterative" else None
     scorers = [GuidedScorer(network, config, method.strategy, source, guidance=guidance, name=method.name,
                             residual_normaliser=residual)]
@@ -319,6 +332,10 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
             from .selection import run_selection
 
             chosen = timed("select on val", run_selection, config, dataset)
+            if config.uncertainty_quality:
+                from .uncertainty_quality import uncertainty_quality
+
+                timed("uncertainty quality", uncertainty_quality, config, dataset, chosen)
         for seed in config.seeds:
             metrics = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
             if metrics.is_file():
