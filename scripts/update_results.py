@@ -4,8 +4,10 @@
 
 Only the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers is replaced
 (NAME: ``results`` — mean ± std tables; ``paired`` — per-subject paired differences with
-bootstrap CIs; ``selection`` — the val search and the chosen values), and the guidance panels
-are copied to ``docs/img/``, so every number and figure in the docs comes from a benchmark's
+bootstrap CIs; ``selection`` — the val search and the chosen values; ``uquality`` in
+docs/uncertainty.md — every estimator measured as u on val), the generated figures are copied to
+``docs/img/`` and the small result files to ``docs/results/`` (committed, so every number can be
+traced), so every number and figure in the docs comes from a benchmark's
 own output, never typed by hand.
 """
 from __future__ import annotations
@@ -65,6 +67,29 @@ def selection_block(results_dir: Path, command: str) -> str:
     return _header(command, results_dir / "<dataset>/selection/") + "\n\n".join(parts)
 
 
+def quality_block(results_dir: Path, command: str) -> str:
+    parts = [(d.name, d / "uncertainty" / "quality.md") for d in sorted(results_dir.iterdir())
+             if (d / "uncertainty" / "quality.md").is_file()]
+    return _header(command, results_dir / "<dataset>/uncertainty/quality.md") + "\n\n".join(
+        f"**{name}**: " + path.read_text().strip() for name, path in parts)
+
+
+RESULT_FILES = ("results.csv", "results.md", "paired.csv", "paired.md", "*/selection/search.csv",
+                "*/selection/search.md", "*/selection/chosen.json", "*/uncertainty/quality.csv",
+                "*/uncertainty/quality.md", "*/seed*/metrics.csv")
+
+
+def copy_result_files(results_dir: Path, target: Path) -> list[Path]:
+    copied = []
+    for pattern in RESULT_FILES:
+        for source in sorted(results_dir.glob(pattern)):
+            destination = target / source.relative_to(results_dir)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+            copied.append(destination)
+    return copied
+
+
 def replace(path: Path, name: str, new_block: str) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text()
@@ -76,7 +101,8 @@ def replace(path: Path, name: str, new_block: str) -> None:
 
 def copy_figures(results_dir: Path, image_dir: Path) -> list[Path]:
     copied = []
-    for figure in sorted(results_dir.glob("*/figures/guidance_*.png")):
+    for figure in sorted(list(results_dir.glob("*/figures/guidance_*.png"))
+                         + list(results_dir.glob("*/figures/uncertainty_panels.png"))):
         target = image_dir / f"{figure.parent.parent.name}_{figure.name}"
         shutil.copyfile(figure, target)
         copied.append(target)
@@ -89,6 +115,7 @@ def main() -> None:
     parser.add_argument("--command", required=True, help="the command that produced the results")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--results-doc", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--uncertainty-doc", type=Path, default=Path("docs/uncertainty.md"))
     args = parser.parse_args()
     replace(args.readme, "results", results_block(args.results_dir, args.command, True))
     replace(args.results_doc, "results", results_block(args.results_dir, args.command, False))
@@ -96,8 +123,12 @@ def main() -> None:
         replace(args.readme, "paired", paired_block(args.results_dir, args.command, True))
         replace(args.results_doc, "paired", paired_block(args.results_dir, args.command, False))
     replace(args.results_doc, "selection", selection_block(args.results_dir, args.command))
+    if any(args.results_dir.glob("*/uncertainty/quality.md")):
+        replace(args.uncertainty_doc, "uquality", quality_block(args.results_dir, args.command))
     figures = copy_figures(args.results_dir, args.results_doc.parent / "img")
-    print(f"updated {args.readme} and {args.results_doc}; copied {len(figures)} figures")
+    files = copy_result_files(args.results_dir, args.results_doc.parent / "results")
+    print(f"updated {args.readme}, {args.results_doc} and {args.uncertainty_doc}; copied {len(figures)} figures "
+          f"and {len(files)} result files to {args.results_doc.parent / 'results'}")
 
 
 if __name__ == "__main__":
