@@ -51,7 +51,7 @@ def test_shipped_benchmark_config_is_valid():
     config = load_benchmark_config("benchmarks/phantom.yaml")
     assert config.seeds == [0, 1, 2]
     assert {m.strategy for m in config.methods if m.kind == "guided"} == {
-        "gating", "map", "cost_masking", "tto", "iterative", "conditioned"}
+        "gating", "map", "cost_masking", "tto", "iterative"}
     assert config.datasets[0].varies_with_seed and config.selection["seed"] == 0
 
 
