@@ -115,8 +115,8 @@ class PrepareConfig:
             fail("skull_strip", f"must be one of {SKULL_STRIPS}")
         if self.normalize not in NORMALISATIONS:
             fail("normalize", f"must be one of {NORMALISATIONS}")
-        lo, hi = (tuple(self.percentiles) + (None, None))[:2]
-        if len(tuple(self.percentiles)) != 2 or not (0 <= lo < hi <= 100):
+        pair = tuple(self.percentiles)
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or not 0 <= pair[0] < pair[1] <= 100:
             fail("percentiles", "must be two numbers 0 <= low < high <= 100")
         if not isinstance(self.seed, int) or self.seed < 0:
             fail("seed", "must be a non-negative integer")
@@ -458,9 +458,11 @@ def _lesion_mask(raw_mask, labels: tuple[int, ...] | None):
 
 
 def _fingerprint_inputs(subject: RawSubject) -> dict:
-    def digest(path: Path | None) -> str | None:
+    def digest(path: Path | None, what: str) -> str | None:
         if path is None:
             return None
+        if not path.exists():
+            raise DataError(f"{what} {path}: file not found")
         h = hashlib.sha256()
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
@@ -470,7 +472,8 @@ def _fingerprint_inputs(subject: RawSubject) -> dict:
                     h.update(chunk)
         return h.hexdigest()
 
-    return {"image": digest(subject.image), "mask": digest(subject.mask)}
+    return {"image": digest(Path(subject.image), "image"),
+            "mask": digest(Path(subject.mask), "mask") if subject.mask is not None else None}
 
 
 # ----------------------------------------------------------------------------- one subject
