@@ -99,10 +99,18 @@ def raw_grid(spacing=(3.0, 3.5, 4.0), fov_mm=(200.0, 230.0, 200.0), oblique_deg:
 
 
 def make_raw_case(seed: int, spacing=(3.0, 3.5, 4.0), lesion: bool = True, bias_strength: float = 0.25,
-                  sagittal: bool = True, oblique_deg: float = 8.0, scale: float = 1000.0) -> RawCase:
+                  sagittal: bool = True, oblique_deg: float = 8.0, scale: float = 1000.0,
+                  in_mni: bool = False) -> RawCase:
+    """``in_mni``: no random affine (identity) and an axial RAS grid: data already in MNI space."""
     rng = np.random.default_rng(seed)
-    transform = random_affine(rng)
+    transform = random_affine(rng) if not in_mni else sitk.AffineTransform(3)
+    if in_mni:
+        sagittal, oblique_deg = False, 0.0
     grid = raw_grid(spacing, oblique_deg=oblique_deg, sagittal=sagittal)
+    if in_mni:  # RAS+ on disk, like the MNI template and ATLAS v2.0
+        grid.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+        size = np.array(grid.GetSize())
+        grid.SetOrigin((np.array([0.0, 18.0, 18.0]) - np.diag([-1, -1, 1]) @ (np.array(spacing) * (size - 1)) / 2).tolist())
     source = template_with_lesion(lesion, tuple(float(s) for s in spacing))  # blurred: coarse voxel's PSF
     unbiased = sitk.GetArrayFromImage(sitk.Resample(source, grid, transform, sitk.sitkLinear, 0.0)) * scale
     points = _physical_points(grid)
@@ -151,3 +159,57 @@ def landmark_error_mm(transform_path: Path, case: RawCase, step_vox: int = 6) ->
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def template_space_truth(reference: sitk.Image) -> np.ndarray:
+    """The lesion sphere on a template-space grid (array order of GetArrayFromImage)."""
+    return np.linalg.norm(_physical_points(reference) - LESION_CENTER_LPS, axis=-1) <= LESION_RADIUS_MM
+
+
+def centroid_mm(mask: sitk.Image) -> np.ndarray:
+    """Centre of mass (LPS mm) of a binary mask."""
+    arr = sitk.GetArrayFromImage(mask) > 0
+    return _physical_points(mask)[arr].mean(0)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path) -> Path:
+    """Write a 3D int16 image as a DICOM series (one file per slice), as scanners export it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    series_uid = "1.2.826.0.1.3680043.2.1125.1." + str(abs(hash(str(folder))) % 10**12)
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (("0008|0060", "MR"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".1"),
+                           ("0020|0037", orientation), ("0020|0032", "\\".join(f"{v:.6f}" for v in position)),
+                           ("0020|0013", str(k + 1)), ("0018|0050", f"{image.GetSpacing()[2]:.6f}"),
+                           ("0008|0008", "ORIGINAL\\PRIMARY"), ("0010|0020", "mini")):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IM{k + 1:04d}.dcm"))
+        writer.Execute(plane)
+    return folder
+
+
+def brats_labels(mask: sitk.Image) -> sitk.Image:
+    """Split a binary lesion into BraTS labels: 4 (core), 1 (ring), 2 (outer edema)."""
+    arr = sitk.GetArrayFromImage(mask) > 0
+    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(mask > 0, insideIsPositive=True,
+                                                               useImageSpacing=True, squaredDistance=False))
+    labels = np.where(arr, np.where(dist > 6, 4, np.where(dist > 3, 1, 2)), 0).astype(np.uint8)
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(mask)
+    return out
+
+
+def wmh_labels(mask: sitk.Image) -> sitk.Image:
+    """WMH challenge labels: the lesion as 1, plus a small block of 2 ("other pathology")."""
+    arr = sitk.GetArrayFromImage(mask).astype(np.uint8)
+    z, y, x = (n // 2 for n in arr.shape)
+    arr[z - 1:z + 1, y - 1:y + 1, x - 1:x + 1] = 2
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(mask)
+    return out

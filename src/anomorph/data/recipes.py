@@ -243,12 +243,17 @@ def prepare_layout(layout: str, root: str | Path, out_dir: str | Path, overrides
     ``overrides`` are :class:`PrepareConfig` fields; they win over the recipe's defaults (e.g.
     ATLAS's ``registration='none'``), which win over the :class:`PrepareConfig` defaults.
     """
+    def make_config(values: dict) -> PrepareConfig:
+        try:
+            config = PrepareConfig(**values)
+        except TypeError as err:
+            raise ConfigError(f"unknown prepare option ({err})") from err
+        config.validate()
+        return config
+
+    make_config(overrides or {})  # bad options fail before the folder is scanned
     recipe = find_subjects(layout, root, **find_options)
-    values = {**recipe.defaults, **(overrides or {})}
-    try:
-        config = PrepareConfig(**values)
-    except TypeError as err:
-        raise ConfigError(f"unknown prepare option ({err})") from err
+    config = make_config({**recipe.defaults, **(overrides or {})})
     report = prepare_dataset(recipe.subjects, out_dir, config, seed=seed, healthy_fractions=healthy_fractions,
                              lesion_val_fraction=lesion_val_fraction, progress=progress, resume=resume)
     return recipe, report
