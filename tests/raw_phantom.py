@@ -68,7 +68,7 @@ def template_with_lesion(lesion: bool = True, spacing: tuple = (1.0, 1.0, 1.0), 
         out = sitk.GetImageFromArray(arr.astype(np.float32))
         out.CopyInformation(t1)
     sigma = [0.4 * math.sqrt(max(s * s - 1.0, 0.0)) for s in spacing]
-    return sitk.SmoothingRecursiveGaussian(out, sigma) if max(sigma) > 0 else out
+    return sitk.SmoothingRecursiveGaussian(out, [max(v, 0.01) for v in sigma]) if max(sigma) > 0 else out
 
 
 def _physical_points(image: sitk.Image) -> np.ndarray:

@@ -213,3 +213,17 @@ def test_recipe_errors_are_one_line(tmp_path, capsys):
                  "--registration", "warp"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "'registration'" in err[0] and "warp" in err[0]
+
+
+def test_merge_builds_a_study_from_two_prepared_datasets(datasets, tmp_path, capsys):
+    root, _ = datasets
+    _, ixi = prepare_layout("ixi", root / "IXI", tmp_path / "ixi", CHEAP, healthy_fractions=(1.0, 0.0, 0.0))
+    _, bids = prepare_layout("bids", root / "bids", tmp_path / "bids", CHEAP, healthy_fractions=(0.0, 0.0, 1.0),
+                             lesion_val_fraction=0.0)
+    out = tmp_path / "study" / "manifest.csv"
+    assert main(["data", "merge", str(ixi.manifest), str(bids.manifest), "--out", str(out)]) == 0
+    rows = read_manifest(out)
+    assert [r.split for r in rows] == ["train"] * 3 + ["test"] * 2
+    assert rows[-1].mask is not None and rows[-1].mask.is_file()
+    assert main(["data", "merge", str(ixi.manifest), str(ixi.manifest), "--out", str(out)]) == 2
+    assert "must be unique" in capsys.readouterr().err

@@ -103,6 +103,15 @@ def cmd_data_to_native(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_merge(args: argparse.Namespace) -> int:
+    from ..data.recipes import merge_manifests
+
+    out = merge_manifests(args.manifests, args.out)
+    print(f"wrote {out}")
+    print(f"next: anomorph data check {out}")
+    return 0
+
+
 def _register_prepare(data_sub) -> None:
     from ..data.prepare import PrepareConfig
     from ..data.recipes import LAYOUTS
@@ -143,6 +152,14 @@ def _register_prepare(data_sub) -> None:
     native.add_argument("--reference", type=Path, default=None,
                         help="the raw image (default: its grid as recorded in the provenance)")
     native.set_defaults(func=cmd_data_to_native)
+
+    merge = data_sub.add_parser(
+        "merge", help="concatenate prepared manifests into one study (e.g. IXI train + BraTS test)",
+        description="Validate each MANIFEST, rewrite its paths relative to --out and write one manifest; "
+                    "splits are kept, subject names must be unique.")
+    merge.add_argument("manifests", type=Path, nargs="+", metavar="MANIFEST")
+    merge.add_argument("--out", required=True, type=Path, help="output manifest.csv")
+    merge.set_defaults(func=cmd_data_merge)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -257,3 +257,39 @@ def prepare_layout(layout: str, root: str | Path, out_dir: str | Path, overrides
     report = prepare_dataset(recipe.subjects, out_dir, config, seed=seed, healthy_fractions=healthy_fractions,
                              lesion_val_fraction=lesion_val_fraction, progress=progress, resume=resume)
     return recipe, report
+
+
+def merge_manifests(manifests: list[str | Path], out: str | Path) -> Path:
+    """Concatenate prepared manifests into one study manifest (e.g. IXI train + BraTS test).
+
+    Every input is validated; paths are rewritten relative to ``out``'s folder; splits, labels and
+    lesion types are kept. Subject names must be unique across the inputs.
+    """
+    import os
+
+    from .manifest import read_manifest, write_manifest
+
+    out = Path(out)
+    if not manifests:
+        raise DataError("merge: give at least one manifest")
+    base = out.resolve().parent
+    rows: list[dict[str, str]] = []
+    seen: dict[str, Path] = {}
+    for manifest in manifests:
+        for row in read_manifest(manifest):
+            if row.subject in seen:
+                raise DataError(f"{manifest}: row {row.row}, field 'subject': {row.subject!r} also appears in "
+                                f"{seen[row.subject]}; subject names must be unique")
+            seen[row.subject] = Path(manifest)
+
+            def rel(path: Path | None) -> str:
+                return "" if path is None else os.path.relpath(path.resolve(), base)
+
+            rows.append({"image": rel(row.image), "split": row.split, "mask": rel(row.mask),
+                         "brain_mask": rel(row.brain_mask), "healthy": rel(row.healthy),
+                         "label": "" if row.label is None else str(row.label), "subject": row.subject,
+                         "lesion_type": row.lesion_type})
+    base.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, rows)
+    read_manifest(out)
+    return out
