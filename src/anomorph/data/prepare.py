@@ -320,12 +320,33 @@ def n4_correct(image, shrink_mm: float = 6.0, iterations: int = 50, levels: int 
     return sitk.Cast(corrected, sitk.sitkFloat32), info
 
 
+def _downsample(image, spacing_mm: float):
+    """Anti-aliased copy of ``image`` with voxels no smaller than ``spacing_mm`` (same world space).
+
+    Registering a 1 mm scan on a 2 mm template gains nothing from the fine voxels, but ITK would
+    smooth and differentiate the full moving image at every pyramid level."""
+    sitk = _sitk()
+    spacing = np.array(image.GetSpacing())
+    target = np.maximum(spacing, spacing_mm)
+    if np.allclose(target, spacing):
+        return image
+    sigma = [0.4 * math.sqrt(max(t * t - s * s, 0.0)) for t, s in zip(target, spacing)]
+    smooth = sitk.SmoothingRecursiveGaussian(image, [max(v, 1e-3) for v in sigma])
+    size = [max(2, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, target)]
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    # keep the field of view centred where it was
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    origin = centre - direction @ (target * (np.array(size) - 1) / 2)
+    return sitk.Resample(smooth, [int(v) for v in size], sitk.Transform(), sitk.sitkLinear, [float(v) for v in origin],
+                         [float(v) for v in target], image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
 def _registration_method(fixed_spacing: float, iterations: int, seed: int, scale_from_shift: bool = True):
     sitk = _sitk()
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed)
+    method.SetMetricSamplingPercentage(0.1, seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
                                                     numberOfIterations=iterations,
@@ -351,8 +372,9 @@ def register_to_template(moving, config: PrepareConfig):
         return sitk.Transform(3, sitk.sitkIdentity), sitk.Transform(3, sitk.sitkIdentity), {"kind": "none"}
     reg_spacing = max(config.registration_spacing_mm, config.spacing_mm)
     fixed, fixed_brain = _template_on(reg_spacing)
+    moving = _downsample(moving, reg_spacing)  # same physical space: the transform is unaffected
     info: dict = {"kind": config.registration, "template_spacing_mm": reg_spacing,
-                  "metric": "Mattes mutual information (32 bins, 20% random samples)"}
+                  "metric": "Mattes mutual information (32 bins, 10% random samples)"}
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = _registration_method(reg_spacing, config.registration_iterations, config.seed)
