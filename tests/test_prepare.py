@@ -73,6 +73,11 @@ def test_native_round_trip_keeps_the_lesion_overlap(prepared):
     # the carried mask lands where the raw mask was: round trip of the mask itself
     mask_back = to_native(out / "masks" / "sub-les.nii.gz", out / "provenance" / "sub-les.json",
                           root / "native" / "mask.nii.gz", interpolation="nearest")
+    assert main(["data", "to-native", str(out / "masks" / "sub-les.nii.gz"), "--provenance",
+                 str(out / "provenance" / "sub-les.json"), "--out", str(root / "native" / "cli.nii.gz"),
+                 "--nearest", "--reference", str(subjects[0].image)]) == 0
+    np.testing.assert_array_equal(nib.load(str(root / "native" / "cli.nii.gz")).get_fdata(),
+                                  nib.load(str(mask_back)).get_fdata())
     dice_mask = dice(nib.load(str(mask_back)).get_fdata() > 0, raw_truth)
     print(f"Dice of the carried mask mapped back to raw space: {dice_mask:.3f}")
     assert dice_mask > 0.8

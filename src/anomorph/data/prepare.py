@@ -522,6 +522,8 @@ def prepare_subject(subject: RawSubject, out_dir: str | Path, config: PrepareCon
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(config.threads)
     out = Path(out_dir)
     paths = output_paths(out, subject.subject, linear=config.registration != "affine+bspline")
+    if paths["provenance"].exists():  # outputs are about to change: the old record no longer holds
+        paths["provenance"].unlink()
     timings: dict[str, float] = {}
     steps: dict[str, dict] = {}
     clock = time.perf_counter()
@@ -581,6 +583,10 @@ def prepare_subject(subject: RawSubject, out_dir: str | Path, config: PrepareCon
         lesion = sitk.Resample(_lesion_mask(raw_mask, subject.mask_labels), grid, transform,
                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         mask_voxels = int(sitk.GetArrayViewFromImage(lesion).sum())
+        raw_voxels = int(sitk.GetArrayFromImage(_lesion_mask(raw_mask, subject.mask_labels)).sum())
+        if raw_voxels and not mask_voxels:
+            raise DataError(f"mask {subject.mask}: its {raw_voxels} lesion voxel(s) fall outside the registered "
+                            "brain field of view; does the mask share the image's world space?")
         _write_image(lesion, paths["mask"])
         written["mask"] = paths["mask"]
     _write_image(out_image, paths["image"])
@@ -718,6 +724,9 @@ def prepare_dataset(subjects: list[RawSubject], out_dir: str | Path, config: Pre
                 status = f"done in {time.perf_counter() - t0:.1f} s"
         except (DataError, ConfigError, OSError) as err:
             failed.append((subject.subject, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            status = f"FAILED: {failed[-1][1]}"
+        except RuntimeError as err:  # an ITK error in a step without its own message
+            failed.append((subject.subject, f"image {subject.image}: {_one_line(err)}"))
             status = f"FAILED: {failed[-1][1]}"
         if progress:
             print(_progress_line(number, len(subjects), subject.subject, status, start), file=sys.stderr, flush=True)
