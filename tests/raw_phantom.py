@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from anomorph.data.prepare import _template_1mm
+from anomorph.data.prepare import _template_1mm, keep_locale
 
 LESION_CENTER_LPS = np.array([-26.0, 12.0, 22.0])  # MNI (26, -12, 22) RAS: right hemisphere white matter
 LESION_RADIUS_MM = 14.0
@@ -181,6 +181,12 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> Path:
     d = image.GetDirection()
     orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
     series_uid = "1.2.826.0.1.3680043.2.1125.1." + str(abs(hash(str(folder))) % 10**12)
+    with keep_locale():  # GDCM switches the process to the "C" locale
+        _write_slices(image, folder, writer, orientation, series_uid)
+    return folder
+
+
+def _write_slices(image, folder, writer, orientation, series_uid) -> None:
     for k in range(image.GetDepth()):
         plane = image[:, :, k]
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
@@ -191,7 +197,6 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> Path:
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"IM{k + 1:04d}.dcm"))
         writer.Execute(plane)
-    return folder
 
 
 def brats_labels(mask: sitk.Image) -> sitk.Image:

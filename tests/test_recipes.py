@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 
 import nibabel as nib
 import numpy as np
@@ -178,7 +179,9 @@ def test_folder_layout_reads_nifti_and_a_dicom_series(datasets, tmp_path):
     assert sorted(subjects) == ["scan_a", "scan_b", "scan_c"]
     assert subjects["scan_b"].mask.name == "scan_b_mask.nii.gz" and not subjects["scan_b"].healthy
     assert subjects["scan_a"].healthy and subjects["scan_c"].image.is_dir()
+    encoding = locale.getpreferredencoding(False)
     dicom = read_raw(subjects["scan_c"].image)
+    assert locale.getpreferredencoding(False) == encoding  # DICOM I/O left the locale alone (GDCM writing sets "C")
     original = cases["dicom"].image
     assert dicom.GetSize() == original.GetSize()
     np.testing.assert_allclose(dicom.GetOrigin(), original.GetOrigin(), atol=1e-3)

@@ -32,10 +32,12 @@ Entry points: :func:`prepare_dataset` (many subjects, manifest), :func:`prepare_
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import locale
 import math
 import os
 import shutil
@@ -191,6 +193,18 @@ def nib_to_sitk(array: np.ndarray, affine: np.ndarray):
     return image
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """Restore the C locale settings afterwards. GDCM's DICOM writer switches the process to the
+    "C" locale (after which Python's default text encoding is ASCII); reading did not in our
+    checks, but the guard costs nothing."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_raw(path: Path, what: str = "image"):
     """Read a NIfTI file or a DICOM series folder as a float32 SimpleITK image.
 
@@ -204,15 +218,16 @@ def read_raw(path: Path, what: str = "image"):
         raise DataError(f"{where}: file not found")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise DataError(f"{where}: folder holds no DICOM series")
-            files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
-            if len(files) < 2:
-                raise DataError(f"{where}: the DICOM series has {len(files)} slice(s); need a 3D volume")
-            reader.SetFileNames(files)
-            image = reader.Execute()
+            with keep_locale():
+                reader = sitk.ImageSeriesReader()
+                series = reader.GetGDCMSeriesIDs(str(path))
+                if not series:
+                    raise DataError(f"{where}: folder holds no DICOM series")
+                files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
+                if len(files) < 2:
+                    raise DataError(f"{where}: the DICOM series has {len(files)} slice(s); need a 3D volume")
+                reader.SetFileNames(files)
+                image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
     except DataError:
