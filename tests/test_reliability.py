@@ -2,6 +2,7 @@
 latest state and survive a failed write, run-directory locks, output collisions, memory bombs."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -62,3 +63,127 @@ def test_evaluate_threshold_with_minus_inf_best_threshold(synthetic_dataset, tmp
     blob = metrics["by_lesion_type"]["blob"]
     assert blob["oracle_best_dice_threshold"] is None
     assert blob["undefined"]["oracle_best_dice_threshold"].startswith("-inf")
+
+
+# ------------------------------------------------------------------ 3: last.ckpt is the last state
+def _rising_val_loss(monkeypatch, crash_epoch: int | None = None):
+    """val/loss grows by 100 per epoch (so best stays at epoch 0); optionally the training step of
+    ``crash_epoch`` dies like a killed process would."""
+    from anomorph.training.module import AnomalyModule
+
+    original_losses = AnomalyModule.compute_losses
+    original_step = AnomalyModule.training_step
+
+    def losses(self, x, out, beta, **kwargs):
+        terms = original_losses(self, x, out, beta, **kwargs)
+        if not self.training:
+            terms["loss"] = terms["loss"] + 100.0 * self.current_epoch
+        return terms
+
+    def step(self, batch, batch_idx):
+        if crash_epoch is not None and self.current_epoch == crash_epoch:
+            raise RuntimeError("simulated kill")
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(AnomalyModule, "compute_losses", losses)
+    monkeypatch.setattr(AnomalyModule, "training_step", step)
+
+
+def test_last_checkpoint_is_the_last_epoch_whatever_val_does(tiny_phantom, tmp_path, monkeypatch):
+    import torch
+
+    from anomorph.training import fit, load_checkpoint, load_run, read_training_log
+    from conftest import tiny_run_config
+
+    _rising_val_loss(monkeypatch)
+    run = fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=3), run_dir=tmp_path / "run")
+    best = load_checkpoint(run / "checkpoints" / "best.ckpt")
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert best["epoch"] == 0 and last["epoch"] == 2
+    steps = [int(r["step"]) for r in read_training_log(run) if r.get("train/loss_epoch")]
+    assert last["global_step"] == steps[-1] + 1
+    assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    network, _ = load_run(run, "last")  # what `predict --checkpoint last` uses
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, last["state_dict"]["network." + key])
+
+
+def test_resume_after_a_crash_does_not_rerun_the_finished_epoch(tiny_phantom, tmp_path, monkeypatch):
+    from anomorph.training import fit, load_checkpoint, read_training_log
+    from conftest import tiny_run_config
+
+    _rising_val_loss(monkeypatch, crash_epoch=2)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=3), run_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1  # not the best epoch 0
+    assert load_checkpoint(run / "checkpoints" / "best.ckpt")["epoch"] == 0
+    monkeypatch.undo()
+    _rising_val_loss(monkeypatch)
+    assert main(["fit", "--resume", str(run)]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 2
+    epochs = [int(r["epoch"]) for r in read_training_log(run) if r.get("train/loss_epoch")]
+    assert epochs == [0, 1, 2]  # epoch 1 was not trained twice
+
+
+# ------------------------------------------------------------------ 4: a full disk keeps the old checkpoint
+def test_full_disk_keeps_previous_checkpoint_and_resume_works(tiny_phantom, tmp_path, monkeypatch, capsys):
+    import errno
+
+    fit_module = importlib.import_module("anomorph.training.fit")
+    from anomorph.training import load_checkpoint, read_training_log
+
+    writes = {"last": 0}
+    real = fit_module._write_bytes
+
+    def disk_full(handle, data):
+        if handle.name.endswith("-last.ckpt"):
+            writes["last"] += 1
+            if writes["last"] == 2:  # the second epoch's last.ckpt: half written, then ENOSPC
+                handle.write(bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(handle, data)
+
+    monkeypatch.setattr(fit_module, "_write_bytes", disk_full)
+    run = tmp_path / "run"
+    code = main(["fit", "--run-dir", str(run), f"data.manifest={tiny_phantom}", "model.name=ae", "data.size=32",
+                 "model.channels=[8,16]", "model.strides=[2,2]", "model.latent_dim=8", "train.max_epochs=2",
+                 "train.progress_bar=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "last.ckpt" in err
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0  # the previous one, whole
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(fit_module, "_write_bytes", real)
+    assert main(["fit", "--resume", str(run)]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert [int(r["epoch"]) for r in read_training_log(run) if r.get("train/loss_epoch")] == [0, 1]
+
+
+def test_checkpoints_are_written_in_their_own_directory(tiny_phantom, tmp_path, monkeypatch):
+    fit_module = importlib.import_module("anomorph.training.fit")
+    from conftest import tiny_run_config
+
+    folders = []
+    real = fit_module._write_bytes
+    monkeypatch.setattr(fit_module, "_write_bytes",
+                        lambda handle, data: (folders.append(Path(handle.name).parent), real(handle, data)))
+    fit_module.fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=1), run_dir=tmp_path / "run")
+    assert folders and set(folders) == {tmp_path / "run" / "checkpoints"}
+
+
+# ------------------------------------------------------------------ 5: one writer per run directory
+def test_second_fit_into_a_locked_run_directory_is_refused(tiny_phantom, tmp_path, capsys):
+    import os
+
+    from anomorph.training.fit import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        code = main(["fit", "--run-dir", str(run), f"data.manifest={tiny_phantom}", "model.name=ae",
+                     "data.size=32", "model.channels=[8,16]", "model.strides=[2,2]", "train.max_epochs=1"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"PID {os.getpid()}" in err and str(run) in err and "Traceback" not in err
+        assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    with RunLock(run):  # released: the next writer gets it
+        pass
