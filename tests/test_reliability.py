@@ -187,3 +187,18 @@ def test_second_fit_into_a_locked_run_directory_is_refused(tiny_phantom, tmp_pat
         assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
     with RunLock(run):  # released: the next writer gets it
         pass
+
+
+# ------------------------------------------------------------------ 1: the voxel limit is configurable
+def test_voxel_limit_is_configurable(tmp_path, monkeypatch):
+    from anomorph.data.io import load_image
+    from anomorph.errors import DataError
+
+    path = write_nifti(tmp_path / "scan.nii.gz", np.ones((32, 32, 4), np.float32))
+    assert load_image(path)[0].shape == (32, 32, 4)
+    monkeypatch.setenv("ANOMORPH_MAX_VOXELS", "4000")
+    with pytest.raises(DataError, match=r"4,096 voxels, over the limit of 4,000"):
+        load_image(path)
+    monkeypatch.setenv("ANOMORPH_MAX_VOXELS", "lots")
+    with pytest.raises(DataError, match="ANOMORPH_MAX_VOXELS"):
+        load_image(path)

@@ -50,6 +50,25 @@ class ManifestRow:
         return ", ".join(parts)
 
 
+def missing_reason(path: Path) -> str:
+    """Why ``path`` is not a readable file: a directory, a broken link or loop, or not there."""
+    import errno
+    import os
+
+    if path.is_dir():
+        return f"{path} is a directory, not an image file"
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return f"{path} is a symbolic link loop"
+            return f"{path} is a broken symbolic link (target {os.readlink(path)!r} not found)"
+    if path.exists() and not path.is_file():
+        return f"{path} is not a regular file"
+    return f"file not found: {path}"
+
+
 def file_stem(path: Path) -> str:
     """The file name without its image suffix (``sub-01.nii.gz`` → ``sub-01``)."""
     name = path.name
@@ -120,7 +139,7 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
         paths = {name: _resolve(base, rec.get(name, "")) for name in ("mask", "brain_mask", "healthy")}
         for name, file in [("image", image), *paths.items()]:
             if file is not None and not file.is_file():
-                raise DataError(f"{where}, field '{name}': file not found: {file}")
+                raise DataError(f"{where}, field '{name}': {missing_reason(file)}")
         rows.append(
             ManifestRow(
                 row=index,
