@@ -202,3 +202,84 @@ def test_voxel_limit_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMORPH_MAX_VOXELS", "lots")
     with pytest.raises(DataError, match="ANOMORPH_MAX_VOXELS"):
         load_image(path)
+
+
+# ------------------------------------------------------------------ 2 and 9: predict outputs
+def _scan(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    return write_nifti(path, (rng.random((32, 32, 4)) * 100 + 50).astype(np.float32))
+
+
+@pytest.fixture
+def threshold_scorer(monkeypatch):
+    """predict through the CLI with a training-free scorer (no run directory needed)."""
+    from anomorph.evaluation.inference import ModelScorer, ThresholdScorer
+
+    scorer = ThresholdScorer(size=32)
+    scorer.config = type("C", (), {"data": type("D", (), {"axis": -1, "percentiles": [1.0, 99.0]})()})()
+    monkeypatch.setattr(ModelScorer, "from_run", classmethod(lambda cls, run, which="best": scorer))
+    return scorer
+
+
+def _predict(*args: str) -> int:
+    return main(["predict", "--run", "unused", *args])
+
+
+def test_predict_refuses_inputs_with_the_same_output_names(tmp_path, threshold_scorer, capsys):
+    a, b = _scan(tmp_path / "a" / "scan.nii.gz"), _scan(tmp_path / "b" / "scan.nii.gz", 1)
+    assert _predict(str(a), str(b), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert str(a) in err and str(b) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a" / "scan.png")  # same preview name
+    assert _predict(str(a), str(tmp_path / "a" / "scan.png"), "--out", str(tmp_path / "o")) == 2
+    assert "scan_preview.png" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_predict_never_replaces_existing_outputs_without_overwrite(tmp_path, threshold_scorer, capsys):
+    folder = tmp_path / "d"
+    scan = _scan(folder / "scan.nii.gz")
+    foreign = folder / "scan_warped.nii.gz"
+    foreign.write_bytes(b"someone else's file")
+    assert _predict(str(scan), "--out", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert "scan_warped.nii.gz" in err and "--overwrite" in err and "Traceback" not in err
+    assert foreign.read_bytes() == b"someone else's file"
+    assert not (folder / "scan_anomaly.nii.gz").exists()
+    assert _predict(str(scan), "--out", str(folder), "--overwrite") == 0
+    assert nib.load(str(foreign)).shape == (32, 32, 4)
+
+
+def test_interrupted_predict_reruns_only_the_missing_scans(tmp_path, threshold_scorer, capsys, monkeypatch):
+    import os
+
+    from anomorph.evaluation import predict as predict_module
+
+    scans = [_scan(tmp_path / "in" / f"s{i}.nii.gz", i) for i in range(3)]
+    out = tmp_path / "out"
+    real = predict_module.predict_volume
+    calls: list[int] = []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict_volume", dies_on_third)
+    assert _predict(*map(str, scans), "--out", str(out)) == 130
+    assert (out / "s1_preview.png").exists() and not (out / "s2_anomaly.nii.gz").exists()
+    stale = out / ".tmp-predict-999999999"  # a killed run's staging folder (no such process)
+    stale.mkdir()
+    (stale / "s2_anomaly.nii.gz").write_bytes(b"half")
+    before = {p: os.stat(out / f"{p}_anomaly.nii.gz").st_mtime_ns for p in ("s0", "s1")}
+    calls.clear()
+    monkeypatch.setattr(predict_module, "predict_volume", real)
+    capsys.readouterr()
+    assert _predict(*map(str, scans), "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 2 and "s2_anomaly.nii.gz" in printed
+    assert {p: os.stat(out / f"{p}_anomaly.nii.gz").st_mtime_ns for p in ("s0", "s1")} == before
+    assert not list(out.glob(".tmp-*"))
