@@ -274,6 +274,7 @@ def test_interrupted_predict_reruns_only_the_missing_scans(tmp_path, threshold_s
     stale = out / ".tmp-predict-999999999"  # a killed run's staging folder (no such process)
     stale.mkdir()
     (stale / "s2_anomaly.nii.gz").write_bytes(b"half")
+    (out / ".tmp-abc123-s2_preview.png").write_bytes(b"half")  # an older version's temporary
     before = {p: os.stat(out / f"{p}_anomaly.nii.gz").st_mtime_ns for p in ("s0", "s1")}
     calls.clear()
     monkeypatch.setattr(predict_module, "predict_volume", real)

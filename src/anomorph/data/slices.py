@@ -41,6 +41,18 @@ class SliceConfig:
     percentiles: tuple[float, float] = (1.0, 99.0)
     min_brain_fraction: float = 0.05
 
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.axis not in (-3, -2, -1, 0, 1, 2):
+            raise ConfigError(f"axis: {self.axis!r} is invalid; a volume has axes 0, 1, 2 (or -3..-1)")
+        if self.slice_range is not None and not (len(self.slice_range) == 2
+                                                 and 0 <= self.slice_range[0] < self.slice_range[1]):
+            raise ConfigError(f"slice range: {tuple(self.slice_range)} is invalid; need START STOP with "
+                              f"0 <= START < STOP")
+        if not (isinstance(self.size, int) and self.size >= 8):
+            raise ConfigError(f"size: {self.size!r} is invalid; the slice size must be an integer >= 8 pixels")
+
 
 def derive_brain_mask(volume: np.ndarray) -> np.ndarray:
     """Foreground mask of a canonical volume: smoothed intensity above 10% of its 99th

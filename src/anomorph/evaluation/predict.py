@@ -185,6 +185,10 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
         skipped.extend(str(path) for path in paths if plan[path] is None)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out_dir)
+    for targets in plan.values():  # hidden temporaries of an older, killed predict (atomic_write names)
+        for target in (targets or {}).values():
+            for stale in out_dir.glob(f".tmp-*-{target.name}"):
+                stale.unlink(missing_ok=True)
     staging = out_dir / f".tmp-predict-{os.getpid()}"
     written: dict[str, dict[str, Path]] = {}
     try:

@@ -223,16 +223,17 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
                           f"or choose another --run-dir / name")
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = _check_network(config)  # before anything is written
+    trainer = _build_trainer(config, run_dir, devices, strategy, accelerator)
     with RunLock(run_dir):
         if not resume and last.exists():  # another run finished in between
             raise ConfigError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it")
-        return _fit_locked(config, module, run_dir, last, resume, devices, strategy, accelerator)
+        return _fit_locked(config, module, trainer, run_dir, last, resume)
 
 
-def _fit_locked(config: RunConfig, module: AnomalyModule, run_dir: Path, last: Path, resume: bool,
-                devices: Any, strategy: str | None, accelerator: str | None) -> Path:
+def _build_trainer(config: RunConfig, run_dir: Path, devices: Any, strategy: str | None,
+                   accelerator: str | None) -> L.Trainer:
+    """The Trainer (nothing is written yet); a setting Lightning refuses is a ConfigError."""
     t = config.train
-    datamodule = SliceDataModule(config.data, seed=config.seed)
     checkpoint_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss",
                            mode="min", save_top_k=1, save_last=False, enable_version_counter=False)
@@ -246,7 +247,7 @@ def _fit_locked(config: RunConfig, module: AnomalyModule, run_dir: Path, last: P
     options = dict(accelerator=accelerator or t.accelerator, devices=devices if devices is not None else t.devices,
                    strategy=strategy or t.strategy, precision=t.precision)
     try:
-        trainer = L.Trainer(
+        return L.Trainer(
             default_root_dir=run_dir,
             max_epochs=t.max_epochs,
             max_steps=t.max_steps,
@@ -267,6 +268,14 @@ def _fit_locked(config: RunConfig, module: AnomalyModule, run_dir: Path, last: P
         raise ConfigError(f"train: Lightning refused accelerator={options['accelerator']!r}, "
                           f"devices={options['devices']!r}, strategy={options['strategy']!r}, "
                           f"precision={options['precision']!r}: {_first_line(err)}") from err
+
+
+def _fit_locked(config: RunConfig, module: AnomalyModule, trainer: L.Trainer, run_dir: Path, last: Path,
+                resume: bool) -> Path:
+    datamodule = SliceDataModule(config.data, seed=config.seed)
+    checkpoint_dir = run_dir / "checkpoints"
+    for stale in [*checkpoint_dir.glob(".tmp-*"), *(run_dir / "figures").glob(".tmp-*")]:
+        stale.unlink(missing_ok=True)  # a killed run's half-written temporaries (we hold the lock)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:  # a resumed run keeps its config.yaml as it is
         save_config(config, run_dir / "config.yaml")
