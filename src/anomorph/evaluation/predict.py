@@ -145,7 +145,7 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, overwrite: bool = False)
     on two inputs writing one file, an output that is an input, or a partly present output set
     (or any existing output when inputs repeat) without ``overwrite``."""
     claimed: dict[Path, Path] = {}
-    sources = {p.resolve() for p in inputs}
+    sources = {os.path.realpath(p) for p in inputs}  # realpath: no error on a link loop
     plan: dict[Path, dict[str, Path] | None] = {}
     for path in inputs:
         files = output_paths(path, out_dir)
@@ -156,7 +156,7 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, overwrite: bool = False)
                                 f"the file name without its suffix); rename one or predict them into separate "
                                 f"--out folders")
             claimed[target] = path
-            if target.resolve() in sources:
+            if os.path.realpath(target) in sources:
                 raise DataError(f"output {target} for input {path} would replace the input {target}; "
                                 f"choose another --out")
         existing = [f for f in files.values() if f.exists() or f.is_symlink()]
