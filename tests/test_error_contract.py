@@ -217,3 +217,96 @@ def test_uncertainty_option_with_a_bad_value(trained_run, tiny_phantom, tmp_path
                           "--uncertainty-option", "mc_dropout.passes=abc"], capsys)
     _assert_user_error(code, err, "mc_dropout", "abc")
     assert not (out / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------ silent wrong results and misleading messages
+def _copy_phantom(tiny_phantom: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_phantom.parent, folder)
+    return folder / "manifest.csv"
+
+
+def _rows(manifest: Path) -> list[dict[str, str]]:
+    import csv
+
+    with manifest.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_rows(manifest: Path, rows: list[dict[str, str]]) -> None:
+    from conftest import write_csv
+
+    write_csv(manifest, rows, list(rows[0]))
+
+
+def _spoil_manifest(manifest: Path, case: str) -> str:
+    """Make ``manifest`` bad in one way; return what the error must say."""
+    import nibabel as nib
+    import numpy as np
+
+    rows = _rows(manifest)
+    train = next(r for r in rows if r["split"] == "train")
+    lesion = next(r for r in rows if r["split"] == "test" and r.get("mask"))
+    if case == "train_test_leak":
+        rows.append(dict(lesion, split="train", mask="", label=""))
+        _write_rows(manifest, rows)
+        return "a leak between splits"
+    if case == "duplicate_row":
+        rows.append(dict(train))
+        _write_rows(manifest, rows)
+        return "duplicate row"
+    if case == "label0_with_mask":
+        lesion["label"] = "0"
+        _write_rows(manifest, rows)
+        return "label 0"
+    if case == "fractional_mask":
+        path = manifest.parent / lesion["mask"]
+        data = np.asarray(nib.load(str(path)).dataobj, np.float32) * 0.5
+        nib.save(nib.Nifti1Image(data, nib.load(str(path)).affine), str(path))
+        return "not 0/1 labels"
+    if case == "constant_image":
+        path = manifest.parent / train["image"]
+        image = nib.load(str(path))
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.float32), image.affine), str(path))
+        return "every voxel is 0"
+    if case == "zero_affine":
+        import gzip
+
+        path = manifest.parent / train["image"]
+        image = nib.load(str(path))
+        header = nib.Nifti1Image(np.asarray(image.dataobj, np.float32), np.eye(4)).header.copy()
+        header["qform_code"], header["sform_code"] = 0, 1  # an sform of zeros: the affine is all zeros
+        for row in ("srow_x", "srow_y", "srow_z"):
+            header[row] = 0
+        header.set_data_offset(352)
+        raw = header.binaryblock + b"\0" * 4 + np.asarray(image.dataobj, np.float32).tobytes(order="F")
+        path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+        return "affine is not usable"
+    if case == "latin1_manifest":
+        text = manifest.read_text().splitlines()
+        text[3] = text[3] + "\u00e9"
+        manifest.write_bytes(("\n".join(text) + "\n").encode("latin-1"))
+        return "row 3 (line 4)"
+    raise AssertionError(case)
+
+
+MANIFEST_CASES = ["train_test_leak", "duplicate_row", "label0_with_mask", "fractional_mask", "constant_image",
+                  "zero_affine", "latin1_manifest"]
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES)
+def test_data_check_refuses_silently_wrong_data(case, tiny_phantom, tmp_path, capsys):
+    manifest = _copy_phantom(tiny_phantom, tmp_path)
+    needle = _spoil_manifest(manifest, case)
+    code, err = _run_cli(["data", "check", str(manifest), "--size", "32"], capsys)
+    _assert_user_error(code, err, str(manifest), needle)
+
+
+def test_predict_refuses_a_constant_image(trained_run, tmp_path, capsys):
+    from conftest import write_nifti
+    import numpy as np
+
+    scan = write_nifti(tmp_path / "blank.nii.gz", np.zeros((32, 32, 4), np.float32))
+    code, err = _run_cli(["predict", "--run", str(trained_run), str(scan), "--out", str(tmp_path / "pred")], capsys)
+    _assert_user_error(code, err, str(scan), "every voxel is 0")
+    assert not (tmp_path / "pred").exists()

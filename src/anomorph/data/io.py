@@ -131,6 +131,10 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
         geometry = ImageGeometry(str(path), np.asarray(img.affine, float), shape,
                                  np.array([[0, 1], [1, 1]], float), True, "nifti")
         return data, geometry
+    affine = np.asarray(img.affine, float)
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise DataError(f"the voxel-to-world affine is not usable (NaN/inf or a zero voxel size: "
+                        f"{np.round(affine[:3, :3], 4).tolist()}); fix the header's pixdim/qform/sform")
     orientation = io_orientation(img.affine)
     canonical = nib.as_closest_canonical(img)
     data = np.asarray(canonical.dataobj, dtype=np.float32)

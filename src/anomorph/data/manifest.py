@@ -7,6 +7,8 @@ are resolved against the manifest's folder.
 from __future__ import annotations
 
 import csv
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,13 +99,19 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     base = path.resolve().parent
+    raw = path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            records = [(reader.line_num, rec) for rec in reader]
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from err
+        line = raw[: err.start].count(b"\n") + 1
+        row = f"row {line - 1} (line {line})" if line > 1 else "the header (line 1)"
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise DataError(f"{path}: {row}: not UTF-8 text (byte {raw[err.start]:#04x}, column {column}); "
+                        f"save the manifest as UTF-8") from err
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        records = [(reader.line_num, rec) for rec in reader]
     except csv.Error as err:
         raise DataError(f"{path}: malformed CSV ({err})") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -156,6 +164,15 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
         )
     if not rows:
         raise DataError(f"{path}: no data rows")
+    seen: dict[str, ManifestRow] = {}
+    for row in rows:  # one file in two rows: a duplicate, or a leak when the splits differ
+        key = os.path.realpath(row.image)
+        first = seen.setdefault(key, row)
+        if first is not row:
+            what = (f"in split '{first.split}' and split '{row.split}': a leak between splits"
+                    if first.split != row.split else "twice: a duplicate row")
+            raise DataError(f"{path}: row {row.row} (line {row.line}), field 'image': {row.image} is also used by "
+                            f"row {first.row} (line {first.line}), {what}")
     if require_train and not any(r.split == "train" for r in rows):
         raise DataError(f"{path}: the train split is empty (no row has split == 'train')")
     return rows

@@ -144,9 +144,23 @@ def load_subject(row: ManifestRow, manifest: Path | str, percentiles: Sequence[f
             )
         return data
 
+    if float(image.min()) == float(image.max()):
+        raise DataError(f"{row.where(manifest, 'image', row.image)}: every voxel is {float(image.min()):g} "
+                        f"(a blank or constant image cannot be normalised or scored)")
     mask = companion("mask", row.mask)
     brain = companion("brain_mask", row.brain_mask)
     healthy = companion("healthy", row.healthy)
+    for field_name, data, path in (("mask", mask, row.mask), ("brain_mask", brain, row.brain_mask)):
+        if data is None:
+            continue
+        odd = data[(data < 0) | (data != np.round(data))]
+        if odd.size:
+            raise DataError(f"{row.where(manifest, field_name, path)}: {odd.size} voxel(s) are not 0/1 labels "
+                            f"(e.g. {float(odd.flat[0]):g}); masks hold 0 (normal) and positive integers "
+                            f"(anomalous): binarise an interpolated mask first, e.g. mask > 0.5")
+    if row.label == 0 and mask is not None and bool((mask > 0).any()):
+        raise DataError(f"{row.where(manifest, 'label')}: label 0 (normal) but its mask {row.mask} marks "
+                        f"{int((mask > 0).sum())} voxel(s) as anomalous; fix the label or the mask")
     brain_mask = brain > 0 if brain is not None else derive_brain_mask(image)
     lo, hi = normalisation_range(image, brain_mask, percentiles)
     return LoadedSubject(

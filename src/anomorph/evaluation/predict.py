@@ -181,6 +181,10 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
     paths = [Path(p) for p in inputs]
     plan = plan_outputs(paths, out_dir, overwrite)
     loaded = [(path, *load_image(path, "input")) for path in paths if plan[path] is not None]
+    for path, volume, _ in loaded:
+        if float(volume.min()) == float(volume.max()):
+            raise DataError(f"input {path}: every voxel is {float(volume.min()):g} (a blank or constant image "
+                            f"cannot be normalised or scored)")
     if skipped is not None:
         skipped.extend(str(path) for path in paths if plan[path] is None)
     out_dir.mkdir(parents=True, exist_ok=True)
