@@ -284,3 +284,31 @@ def test_interrupted_predict_reruns_only_the_missing_scans(tmp_path, threshold_s
     assert printed.count("skipped") == 2 and "s2_anomaly.nii.gz" in printed
     assert {p: os.stat(out / f"{p}_anomaly.nii.gz").st_mtime_ns for p in ("s0", "s1")} == before
     assert not list(out.glob(".tmp-*"))
+
+
+def test_benchmark_with_only_the_threshold_method_writes_its_tables(synthetic_dataset, tmp_path, capsys):
+    _darken_lesions(synthetic_dataset)
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"name: t\noutput_dir: {tmp_path / 'out'}\nseeds: [0]\nreport_seeds: []\n"
+                      f"datasets: [{{name: dark, manifest: {synthetic_dataset}}}]\n"
+                      f"methods: [{{name: thr, kind: threshold, mode: intensity}}]\n")
+    code = main(["benchmark", "--config", str(config)])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "dark" / "seed0" / "metrics.json").read_text())["methods"]["thr"]
+    assert metrics["by_lesion_type"]["blob"]["undefined"]["oracle_best_dice_threshold"].startswith("-inf")
+    assert (tmp_path / "out" / "results.md").is_file()
+
+
+# ------------------------------------------------------------------ 9: leftovers of a killed fit
+def test_resume_removes_a_killed_runs_temporary_files(tiny_phantom, tmp_path):
+    from anomorph.training import fit, load_checkpoint
+    from conftest import tiny_run_config
+
+    run = fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=1), run_dir=tmp_path / "run")
+    leftovers = [run / "figures" / ".tmp-k1ll3d-val_epoch001.png", run / "checkpoints" / ".tmp-k1ll3d-last.ckpt"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("max_epochs: 1", "max_epochs: 2"))
+    fit(None, run_dir=run, resume=True)
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert not any(path.exists() for path in leftovers)
