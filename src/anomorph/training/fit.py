@@ -106,6 +106,12 @@ class LastCheckpoint(ModelCheckpoint):
 LOCK_FILE = ".anomorph.lock"
 
 
+def _is_worker_rank() -> bool:
+    """True in the extra processes Lightning's DDP launcher starts (they rerun this command with
+    LOCAL_RANK / NODE_RANK > 0); the rank-0 process holds the lock for all of them."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK"))
+
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN_DIR/.anomorph.lock`` for the duration of a ``fit``.
 
@@ -119,6 +125,8 @@ class RunLock:
         self._handle: Any = None
 
     def __enter__(self) -> "RunLock":
+        if _is_worker_rank():  # a DDP worker Lightning started from the locking rank-0 process
+            return self
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no locking
@@ -274,8 +282,9 @@ def _fit_locked(config: RunConfig, module: AnomalyModule, trainer: L.Trainer, ru
                 resume: bool) -> Path:
     datamodule = SliceDataModule(config.data, seed=config.seed)
     checkpoint_dir = run_dir / "checkpoints"
-    for stale in [*checkpoint_dir.glob(".tmp-*"), *(run_dir / "figures").glob(".tmp-*")]:
-        stale.unlink(missing_ok=True)  # a killed run's half-written temporaries (we hold the lock)
+    if not _is_worker_rank():
+        for stale in [*checkpoint_dir.glob(".tmp-*"), *(run_dir / "figures").glob(".tmp-*")]:
+            stale.unlink(missing_ok=True)  # a killed run's half-written temporaries (we hold the lock)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:  # a resumed run keeps its config.yaml as it is
         save_config(config, run_dir / "config.yaml")
