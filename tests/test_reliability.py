@@ -312,3 +312,17 @@ def test_resume_removes_a_killed_runs_temporary_files(tiny_phantom, tmp_path):
     fit(None, run_dir=run, resume=True)
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
     assert not any(path.exists() for path in leftovers)
+
+
+def test_second_writer_into_a_locked_ensemble_directory_is_refused(tiny_phantom, tmp_path, capsys):
+    import os
+
+    from anomorph.training.fit import RunLock
+
+    run = tmp_path / "ens"
+    with RunLock(run):
+        code = main(["fit", "--ensemble", "2", "--run-dir", str(run), f"data.manifest={tiny_phantom}", "model.name=ae",
+                     "data.size=32", "model.channels=[8,16]", "model.strides=[2,2]", "train.max_epochs=1"])
+        err = capsys.readouterr().err
+    assert code == 2 and f"PID {os.getpid()}" in err and "Traceback" not in err
+    assert not (run / "ensemble.yaml").exists() and not (run / "member0").exists()

@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import yaml
 
-from ..data.io import _UMASK
+from ..data.io import _UMASK, atomic_write
 from ..errors import AnomorphError, CheckpointError
 from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
 from .datamodule import SliceDataModule
@@ -408,22 +408,8 @@ def fit_ensemble(config: RunConfig | None, k: int, run_dir: str | Path | None = 
         raise ConfigError("fit_ensemble needs a config or a run directory")
     run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
     if resume and is_ensemble(run_dir):
-        members = ensemble_members(run_dir)
-        seeds = (yaml.safe_load((run_dir / ENSEMBLE_FILE).read_text()) or {}).get("seeds") or []
-        base = load_config(members[0] / "config.yaml") if (members[0] / "config.yaml").is_file() else config
-        for index, member in enumerate(members):
-            trainer_options = dict(devices=devices, strategy=strategy, accelerator=accelerator)
-            if (member / "checkpoints" / "last.ckpt").is_file():
-                fit(load_config(member / "config.yaml"), run_dir=member, resume=True, **trainer_options)
-                continue
-            if (member / "config.yaml").is_file():
-                member_config = load_config(member / "config.yaml")
-            elif base is not None and index < len(seeds):
-                member_config = dataclasses.replace(base, seed=int(seeds[index]))
-            else:
-                raise ConfigError(f"cannot resume ensemble member {member}: no config.yaml and no base config")
-            fit(member_config, run_dir=member, **trainer_options)
-        return run_dir
+        with RunLock(run_dir):  # one writer per ensemble directory too (members lock their own)
+            return _resume_ensemble(config, run_dir, devices, strategy, accelerator)
     if resume:
         raise CheckpointError(f"cannot resume: {run_dir / ENSEMBLE_FILE} not found")
     if config is None:
@@ -435,10 +421,32 @@ def fit_ensemble(config: RunConfig | None, k: int, run_dir: str | Path | None = 
                           f"or choose another --run-dir / name")
     configs = [dataclasses.replace(config, seed=config.seed + index) for index in range(int(k))]
     names = [f"member{index}" for index in range(int(k))]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ENSEMBLE_FILE).write_text(yaml.safe_dump(
-        {"name": config.name, "size": int(k), "base_seed": config.seed, "members": names,
-         "seeds": [c.seed for c in configs]}, sort_keys=False))
-    for name, member_config in zip(names, configs):
-        fit(member_config, run_dir=run_dir / name, devices=devices, strategy=strategy, accelerator=accelerator)
+    with RunLock(run_dir):
+        if is_ensemble(run_dir):
+            raise ConfigError(f"run directory {run_dir} already holds an ensemble; pass --resume to continue it")
+        atomic_write(run_dir / ENSEMBLE_FILE, lambda tmp: Path(tmp).write_text(yaml.safe_dump(
+            {"name": config.name, "size": int(k), "base_seed": config.seed, "members": names,
+             "seeds": [c.seed for c in configs]}, sort_keys=False)))
+        for name, member_config in zip(names, configs):
+            fit(member_config, run_dir=run_dir / name, devices=devices, strategy=strategy, accelerator=accelerator)
+    return run_dir
+
+
+def _resume_ensemble(config: RunConfig | None, run_dir: Path, devices: Any, strategy: str | None,
+                     accelerator: str | None) -> Path:
+    members = ensemble_members(run_dir)
+    seeds = (yaml.safe_load((run_dir / ENSEMBLE_FILE).read_text()) or {}).get("seeds") or []
+    base = load_config(members[0] / "config.yaml") if (members[0] / "config.yaml").is_file() else config
+    for index, member in enumerate(members):
+        trainer_options = dict(devices=devices, strategy=strategy, accelerator=accelerator)
+        if (member / "checkpoints" / "last.ckpt").is_file():
+            fit(load_config(member / "config.yaml"), run_dir=member, resume=True, **trainer_options)
+            continue
+        if (member / "config.yaml").is_file():
+            member_config = load_config(member / "config.yaml")
+        elif base is not None and index < len(seeds):
+            member_config = dataclasses.replace(base, seed=int(seeds[index]))
+        else:
+            raise ConfigError(f"cannot resume ensemble member {member}: no config.yaml and no base config")
+        fit(member_config, run_dir=member, **trainer_options)
     return run_dir
