@@ -326,3 +326,15 @@ def test_second_writer_into_a_locked_ensemble_directory_is_refused(tiny_phantom,
         err = capsys.readouterr().err
     assert code == 2 and f"PID {os.getpid()}" in err and "Traceback" not in err
     assert not (run / "ensemble.yaml").exists() and not (run / "member0").exists()
+
+
+def test_evaluate_removes_a_killed_runs_temporary_files(tiny_phantom, tmp_path):
+    out = tmp_path / "eval"
+    (out / "figures").mkdir(parents=True)
+    leftovers = [out / ".tmp-k1ll3d-metrics.json", out / "figures" / ".tmp-k1ll3d-roc.png"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    assert main(["evaluate", "--method", "threshold", "--data", str(tiny_phantom), "--size", "32",
+                 "--out", str(out)]) == 0
+    assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
+    assert not any(path.exists() for path in leftovers)

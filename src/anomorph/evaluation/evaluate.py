@@ -278,6 +278,9 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, extra: d
     """Write ``metrics.json`` (full, nested) and ``metrics.csv`` (flat) atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(".tmp-*"), *(out_dir / "figures").glob(".tmp-*")]:
+        if stale.is_file():  # hidden temporaries of a killed evaluate (atomic_write names)
+            stale.unlink(missing_ok=True)
     payload = {"methods": {r.name: _clean(r.metrics) for r in results}, **_clean(extra or {})}
     json_path = atomic_write(out_dir / "metrics.json",
                              lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, allow_nan=False)))
