@@ -3,11 +3,12 @@
 Run directory layout::
 
     RUN_DIR/config.yaml            resolved config (every default filled in)
-    RUN_DIR/checkpoints/last.ckpt  latest state (resume from here)
+    RUN_DIR/checkpoints/last.ckpt  state after the latest finished epoch (resume from here)
     RUN_DIR/checkpoints/best.ckpt  lowest val/loss on healthy val slices
     RUN_DIR/logs/csv/sessionN/metrics.csv   CSV log of the N-th (re)start (read all: read_training_log)
     RUN_DIR/logs/tensorboard/sessionN/      TensorBoard events
     RUN_DIR/figures/val_epochNNN.png  reconstructions per validation epoch
+    RUN_DIR/.anomorph.lock         flock held by the fit writing this directory (its PID inside)
 
 A deep ensemble (``anomorph fit --ensemble K``, :func:`fit_ensemble`) is a directory of K such
 run directories with seeds ``seed + k``, plus ``ensemble.yaml`` listing them::
