@@ -14,7 +14,22 @@ from PIL import Image
 from anomorph.cli.main import main
 from conftest import tiny_run_config, write_nifti
 
-REJECTED = ["truncated_gzip", "wrong_magic", "nan_volume", "four_d", "zero_size", "mask_grid"]
+REJECTED = ["truncated_gzip", "wrong_magic", "nan_volume", "four_d", "zero_size", "mask_grid",
+            "nifti1_bomb", "nifti1_short", "nifti2_bomb", "gzip_bomb", "directory", "symlink_loop"]
+# what the one-line error must say (beyond the file name and row), where it matters
+MESSAGES = {"nifti1_bomb": "over the limit", "nifti1_short": "holds only", "nifti2_bomb": "over the limit", "gzip_bomb": "holds only",
+            "directory": "is a directory", "symlink_loop": "symbolic link loop"}
+
+
+def _bomb(header_class, shape, gz: bool = False) -> bytes:
+    """A NIfTI header declaring ``shape`` float32 followed by only ~4 KB of data."""
+    header = header_class()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_data_offset(header.single_vox_offset)
+    raw = header.binaryblock
+    raw += b"\0" * (int(header.single_vox_offset) - len(raw)) + b"\1" * 4096
+    return gzip.compress(raw) if gz else raw
 CONVERTED = ["png_16bit", "png_rgb"]
 
 
@@ -36,6 +51,25 @@ def _make_case(folder: Path, case: str) -> dict[str, str]:
         return {"image": "bad.nii.gz"}
     if case == "four_d":
         write_nifti(folder / "bad.nii.gz", np.stack([good, good], -1))
+        return {"image": "bad.nii.gz"}
+    if case == "nifti1_bomb":  # 32767×32767×4 float32 = 17 GB declared
+        (folder / "bad.nii").write_bytes(_bomb(nib.Nifti1Header, (32767, 32767, 4)))
+        return {"image": "bad.nii"}
+    if case == "nifti1_short":  # 400×400×200 float32 (128 MB, under the voxel limit) in 4 KB
+        (folder / "bad.nii").write_bytes(_bomb(nib.Nifti1Header, (400, 400, 200)))
+        return {"image": "bad.nii"}
+    if case == "nifti2_bomb":  # 100000×100000×1 = 10^10 voxels declared
+        (folder / "bad.nii").write_bytes(_bomb(nib.Nifti2Header, (100000, 100000, 1)))
+        return {"image": "bad.nii"}
+    if case == "gzip_bomb":  # 400×400×200 float32 (128 MB, under the voxel limit) in a 4 KB payload
+        (folder / "bad.nii.gz").write_bytes(_bomb(nib.Nifti1Header, (400, 400, 200), gz=True))
+        return {"image": "bad.nii.gz"}
+    if case == "directory":
+        (folder / "bad.nii.gz").mkdir(exist_ok=True)
+        return {"image": "bad.nii.gz"}
+    if case == "symlink_loop":
+        if not (folder / "bad.nii.gz").is_symlink():
+            (folder / "bad.nii.gz").symlink_to("bad.nii.gz")
         return {"image": "bad.nii.gz"}
     if case == "zero_size":
         (folder / "bad.png").write_bytes(b"")
@@ -73,6 +107,7 @@ def test_data_check(case, tiny_phantom, tmp_path, capsys):
     else:
         assert code == 2 and "Traceback" not in err
         assert "bad" in err and f"row {len(manifest.read_text().splitlines()) - 1}" in err
+        assert MESSAGES.get(case, "") in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", REJECTED)
@@ -82,7 +117,7 @@ def test_fit_rejects_bad_train_rows(case, tiny_phantom, tmp_path, capsys):
                  "data.size=32", "model.channels=[8,16]", "model.strides=[2,2]", "model.latent_dim=8",
                  "train.max_epochs=1", "train.progress_bar=false"])
     err = capsys.readouterr().err
-    assert code == 2 and "bad" in err and "Traceback" not in err
+    assert code == 2 and "bad" in err and "Traceback" not in err and MESSAGES.get(case, "") in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -107,7 +142,7 @@ def test_evaluate_and_predict_reject(case, tiny_phantom, tiny_run, tmp_path, cap
     if case == "mask_grid":  # predict reads no mask: the image itself is fine
         assert code == 0
     else:
-        assert code == 2 and "bad" in err and "Traceback" not in err
+        assert code == 2 and "bad" in err and "Traceback" not in err and MESSAGES.get(case, "") in err
         assert not (tmp_path / "pred").exists()
 
 

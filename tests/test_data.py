@@ -119,7 +119,8 @@ def _manifest(tmp_path: Path, rows, columns=None) -> Path:
 
 
 def _good(tmp_path: Path, name: str = "ok.nii.gz") -> str:
-    write_nifti(tmp_path / name, np.ones((8, 8, 2), np.float32))
+    # not constant: a blank/constant image is itself an error (issue 16)
+    write_nifti(tmp_path / name, np.arange(8 * 8 * 2, dtype=np.float32).reshape(8, 8, 2) + 1)
     return name
 
 

@@ -211,6 +211,49 @@ def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_ranges(config: RunConfig) -> None:
+    """Values the type check lets through but training cannot use; each error names the key."""
+    import math
+
+    d, t = config.data, config.train
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is invalid; {rule}")
+
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    need(d.size >= 8, "data.size", d.size, "the slice size must be at least 8 pixels")
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    need(d.axis in (-3, -2, -1, 0, 1, 2), "data.axis", d.axis, "must be one of 0, 1, 2 (or -3..-1)")
+    if d.slice_range is not None:
+        need(len(d.slice_range) == 2 and 0 <= d.slice_range[0] < d.slice_range[1], "data.slice_range",
+             d.slice_range, "must be [start, stop] with 0 <= start < stop")
+    need(len(d.percentiles) == 2 and all(finite(p) for p in d.percentiles)
+         and 0 <= d.percentiles[0] < d.percentiles[1] <= 100, "data.percentiles", d.percentiles,
+         "must be [low, high] with 0 <= low < high <= 100")
+    need(finite(d.min_brain_fraction) and 0 <= d.min_brain_fraction <= 1, "data.min_brain_fraction",
+         d.min_brain_fraction, "must be in [0, 1]")
+    need(t.max_epochs >= 1 or (t.max_epochs == -1 and t.max_steps >= 1), "train.max_epochs", t.max_epochs,
+         "must be >= 1 (0 epochs would write no checkpoint; -1 = unlimited only with train.max_steps)")
+    need(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1, or -1 for no limit")
+    need(finite(t.lr) and t.lr > 0, "train.lr", t.lr, "the learning rate must be a finite number > 0")
+    for key in ("weight_decay", "ssim_weight", "kl_weight", "ncc_weight", "beta_start", "beta_end"):
+        value = getattr(t, key)
+        need(finite(value) and value >= 0, f"train.{key}", value, "must be a finite number >= 0")
+    for key in ("warmup_epochs", "beta_ramp_epochs", "early_stopping_patience"):
+        need(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
+    for key in ("check_val_every_n_epoch", "log_every_n_steps"):
+        need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    need(t.ncc_window >= 1 and t.ncc_window % 2 == 1, "train.ncc_window", t.ncc_window, "must be an odd number >= 1")
+    need(finite(t.limit_train_batches) and t.limit_train_batches > 0, "train.limit_train_batches",
+         t.limit_train_batches, "must be > 0 (a fraction <= 1.0 or a number of batches)")
+    need(0 <= config.seed < 2**32, "seed", config.seed, "must be in [0, 2**32)")
+    from .networks.factory import NETWORKS
+
+    need(config.model.name.lower() in NETWORKS, "model.name", config.model.name, f"must be one of {sorted(NETWORKS)}")
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a plain dict (e.g. parsed YAML) into a :class:`RunConfig`."""
     config = _from_dict(RunConfig, data)
@@ -228,6 +271,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if config.guidance.strategy != "none" and config.model.name != "morphaeus":
         raise ConfigError(f"guidance.strategy {config.guidance.strategy!r} needs a deformable model "
                           f"(model.name: morphaeus), got {config.model.name!r}")
+    _check_ranges(config)
     return config
 
 
@@ -260,6 +304,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a non-UTF-8 file or invalid YAML is a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                          f"save the file as UTF-8") from err
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from err
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
     data: dict[str, Any] = {}
@@ -267,10 +325,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({err})") from err
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     apply_overrides(data, overrides or [])

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..config import ConfigError, GuidanceConfig, _from_dict, load_config
 from ..data.io import atomic_write
@@ -109,7 +108,9 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"benchmark config not found: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    from ..config import read_yaml
+
+    data = read_yaml(path)
     try:
         config = _from_dict(BenchmarkConfig, data)
     except ConfigError as err:

@@ -36,8 +36,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..evaluation.predict import predict_files
 
     scorer = ModelScorer.from_run(args.run, args.checkpoint)
+    skipped: list[str] = []
     written = predict_files(scorer, args.inputs, args.out, axis=scorer.config.data.axis,
-                            percentiles=scorer.config.data.percentiles)
+                            percentiles=scorer.config.data.percentiles, overwrite=args.overwrite,
+                            skipped=skipped)
+    for source in skipped:
+        print(f"{source}: skipped, its outputs are already in {args.out} (--overwrite recomputes them)")
     for source, files in written.items():
         print(f"{source}:")
         for name, path in files.items():
@@ -79,9 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="anomaly maps for NIfTI/PNG/JPG files, on each input's own grid",
         description="Writes NAME_anomaly, NAME_pseudo_healthy, NAME_warped, NAME_brain_mask "
-                    "(NIfTI for NIfTI inputs, PNG for PNG/JPG inputs) and NAME_preview.png into --out.")
+                    "(NIfTI for NIfTI inputs, PNG for PNG/JPG inputs) and NAME_preview.png into --out, "
+                    "NAME = the input's file name without its suffix. Two inputs with the same NAME are "
+                    "refused; existing outputs are never replaced without --overwrite, and an input whose "
+                    "outputs all exist is skipped (rerunning an interrupted predict completes the rest).")
     p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR")
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_predict)

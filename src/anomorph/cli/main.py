@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import typing
 from pathlib import Path
 
 from ..errors import AnomorphError
+
+
+# OSErrors caused by the user's environment (permissions, a full or read-only disk, a path that
+# is a directory), not by a bug: one line, exit code 2, like every other user error.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
+                  errno.ENOTDIR, errno.ENOENT, errno.ELOOP, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 class UserError(Exception):
@@ -212,7 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (AnomorphError, UserError) as err:
-        print(f"anomorph: error: {err}", file=sys.stderr)
+        print(f"anomorph: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            raise
+        where = err.filename if err.filename is not None else "a file"
+        print(f"anomorph: error: cannot write or read {where}: {err.strerror or err} "
+              f"({errno.errorcode.get(err.errno, err.errno)})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("anomorph: interrupted", file=sys.stderr)

@@ -9,7 +9,11 @@ Conversions (documented, not errors): 16-bit PNG → float intensities as stored
 JPG → grayscale by ITU-R 601 luma (PIL ``convert("L")``) unless all colour channels are equal,
 in which case one channel is used; a trailing singleton 4th NIfTI dimension is dropped.
 Rejected: 4D volumes with more than one frame, empty (zero-size) images, non-finite voxels,
-unreadable or truncated files.
+unreadable or truncated files, and images larger than :data:`MAX_VOXELS` voxels (environment
+variable ``ANOMORPH_MAX_VOXELS``). Before any voxel is read, a NIfTI header's declared data size
+is checked against the file (``.nii``: the file size; ``.nii.gz``: the gzip ISIZE trailer, then
+a bounded streaming read if that disagrees), so a few-KB file declaring a huge volume is an
+error, not a memory bomb.
 """
 from __future__ import annotations
 
@@ -20,7 +24,70 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import DataError
+from .manifest import DataError, missing_reason
+
+
+DEFAULT_MAX_VOXELS = 2**27  # 134 M voxels (512 MiB as float32); a 256³ MRI is 16.8 M
+
+
+def max_voxels() -> int:
+    """The voxel limit: ``ANOMORPH_MAX_VOXELS`` if set (a positive integer), else 2**27."""
+    raw = os.environ.get("ANOMORPH_MAX_VOXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DataError(f"environment variable ANOMORPH_MAX_VOXELS={raw!r} is not an integer") from None
+    if value <= 0:
+        raise DataError(f"environment variable ANOMORPH_MAX_VOXELS={raw!r} must be positive")
+    return value
+
+
+def _check_voxels(shape: tuple[int, ...]) -> int:
+    count = 1
+    for side in shape:
+        count *= int(side)
+    limit = max_voxels()
+    if count > limit:
+        raise DataError(f"declared shape {shape} is {count:,} voxels, over the limit of {limit:,} "
+                        f"(set ANOMORPH_MAX_VOXELS to raise it)")
+    return count
+
+
+def _gzip_payload_at_least(path: Path, needed: int) -> int:
+    """Uncompressed size of a gzip file, read in bounded chunks and stopped once ``needed`` bytes
+    are reached (so it never costs more than the data the header promises)."""
+    import gzip
+
+    total = 0
+    with gzip.open(path, "rb") as handle:
+        while total < needed:
+            chunk = handle.read(min(1 << 20, needed - total))
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _check_nifti_size(path: Path, img) -> None:
+    """The declared voxel data must fit the file before anything is allocated."""
+    header = img.header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    count = _check_voxels(shape)
+    needed = int(header.get_data_offset()) + count * int(header.get_data_dtype().itemsize)
+    if path.name.lower().endswith(".gz"):
+        with path.open("rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(handle.read(4), "little")  # uncompressed size mod 2**32
+        if needed < 2**32 and isize >= needed:
+            return
+        have = _gzip_payload_at_least(path, needed)
+    else:
+        have = path.stat().st_size
+    if have < needed:
+        raise DataError(f"header declares shape {shape} of {header.get_data_dtype()} ({needed:,} bytes with "
+                        f"the header) but the file holds only {have:,} bytes (truncated or a bogus header)")
 
 
 @dataclass(frozen=True)
@@ -49,7 +116,8 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     import nibabel as nib
     from nibabel.orientations import io_orientation
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # reads the header only
+    _check_nifti_size(path, img)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         img = img.slicer[..., 0]
@@ -63,6 +131,10 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
         geometry = ImageGeometry(str(path), np.asarray(img.affine, float), shape,
                                  np.array([[0, 1], [1, 1]], float), True, "nifti")
         return data, geometry
+    affine = np.asarray(img.affine, float)
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise DataError(f"the voxel-to-world affine is not usable (NaN/inf or a zero voxel size: "
+                        f"{np.round(affine[:3, :3], 4).tolist()}); fix the header's pixdim/qform/sform")
     orientation = io_orientation(img.affine)
     canonical = nib.as_closest_canonical(img)
     data = np.asarray(canonical.dataobj, dtype=np.float32)
@@ -74,6 +146,7 @@ def _load_raster(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     from PIL import Image
 
     with Image.open(path) as pil:
+        _check_voxels(tuple(pil.size))
         pil.load()
         mode = pil.mode
         if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
@@ -98,7 +171,8 @@ def load_image(path: Path, where: str = "") -> tuple[np.ndarray, ImageGeometry]:
     """
     prefix = f"{where}, file {path}" if where else f"file {path}"
     if not path.is_file():
-        raise DataError(f"{prefix}: file not found")
+        reason = missing_reason(path)
+        raise DataError(f"{prefix}: {'file not found' if reason.startswith('file not found') else reason}")
     try:
         data, geometry = _load_nifti(path) if is_nifti(path) else _load_raster(path)
     except DataError as err:

@@ -7,6 +7,8 @@ are resolved against the manifest's folder.
 from __future__ import annotations
 
 import csv
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,25 @@ class ManifestRow:
         return ", ".join(parts)
 
 
+def missing_reason(path: Path) -> str:
+    """Why ``path`` is not a readable file: a directory, a broken link or loop, or not there."""
+    import errno
+    import os
+
+    if path.is_dir():
+        return f"{path} is a directory, not an image file"
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return f"{path} is a symbolic link loop"
+            return f"{path} is a broken symbolic link (target {os.readlink(path)!r} not found)"
+    if path.exists() and not path.is_file():
+        return f"{path} is not a regular file"
+    return f"file not found: {path}"
+
+
 def file_stem(path: Path) -> str:
     """The file name without its image suffix (``sub-01.nii.gz`` → ``sub-01``)."""
     name = path.name
@@ -78,13 +99,19 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     base = path.resolve().parent
+    raw = path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            records = [(reader.line_num, rec) for rec in reader]
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from err
+        line = raw[: err.start].count(b"\n") + 1
+        row = f"row {line - 1} (line {line})" if line > 1 else "the header (line 1)"
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise DataError(f"{path}: {row}: not UTF-8 text (byte {raw[err.start]:#04x}, column {column}); "
+                        f"save the manifest as UTF-8") from err
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        records = [(reader.line_num, rec) for rec in reader]
     except csv.Error as err:
         raise DataError(f"{path}: malformed CSV ({err})") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -120,7 +147,7 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
         paths = {name: _resolve(base, rec.get(name, "")) for name in ("mask", "brain_mask", "healthy")}
         for name, file in [("image", image), *paths.items()]:
             if file is not None and not file.is_file():
-                raise DataError(f"{where}, field '{name}': file not found: {file}")
+                raise DataError(f"{where}, field '{name}': {missing_reason(file)}")
         rows.append(
             ManifestRow(
                 row=index,
@@ -137,6 +164,15 @@ def read_manifest(path: str | Path, require_train: bool = False) -> list[Manifes
         )
     if not rows:
         raise DataError(f"{path}: no data rows")
+    seen: dict[str, ManifestRow] = {}
+    for row in rows:  # one file in two rows: a duplicate, or a leak when the splits differ
+        key = os.path.realpath(row.image)
+        first = seen.setdefault(key, row)
+        if first is not row:
+            what = (f"in split '{first.split}' and split '{row.split}': a leak between splits"
+                    if first.split != row.split else "twice: a duplicate row")
+            raise DataError(f"{path}: row {row.row} (line {row.line}), field 'image': {row.image} is also used by "
+                            f"row {first.row} (line {first.line}), {what}")
     if require_train and not any(r.split == "train" for r in rows):
         raise DataError(f"{path}: the train split is empty (no row has split == 'train')")
     return rows

@@ -41,6 +41,18 @@ class SliceConfig:
     percentiles: tuple[float, float] = (1.0, 99.0)
     min_brain_fraction: float = 0.05
 
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.axis not in (-3, -2, -1, 0, 1, 2):
+            raise ConfigError(f"axis: {self.axis!r} is invalid; a volume has axes 0, 1, 2 (or -3..-1)")
+        if self.slice_range is not None and not (len(self.slice_range) == 2
+                                                 and 0 <= self.slice_range[0] < self.slice_range[1]):
+            raise ConfigError(f"slice range: {tuple(self.slice_range)} is invalid; need START STOP with "
+                              f"0 <= START < STOP")
+        if not (isinstance(self.size, int) and self.size >= 8):
+            raise ConfigError(f"size: {self.size!r} is invalid; the slice size must be an integer >= 8 pixels")
+
 
 def derive_brain_mask(volume: np.ndarray) -> np.ndarray:
     """Foreground mask of a canonical volume: smoothed intensity above 10% of its 99th
@@ -132,9 +144,23 @@ def load_subject(row: ManifestRow, manifest: Path | str, percentiles: Sequence[f
             )
         return data
 
+    if float(image.min()) == float(image.max()):
+        raise DataError(f"{row.where(manifest, 'image', row.image)}: every voxel is {float(image.min()):g} "
+                        f"(a blank or constant image cannot be normalised or scored)")
     mask = companion("mask", row.mask)
     brain = companion("brain_mask", row.brain_mask)
     healthy = companion("healthy", row.healthy)
+    for field_name, data, path in (("mask", mask, row.mask), ("brain_mask", brain, row.brain_mask)):
+        if data is None:
+            continue
+        odd = data[(data < 0) | (data != np.round(data))]
+        if odd.size:
+            raise DataError(f"{row.where(manifest, field_name, path)}: {odd.size} voxel(s) are not 0/1 labels "
+                            f"(e.g. {float(odd.flat[0]):g}); masks hold 0 (normal) and positive integers "
+                            f"(anomalous): binarise an interpolated mask first, e.g. mask > 0.5")
+    if row.label == 0 and mask is not None and bool((mask > 0).any()):
+        raise DataError(f"{row.where(manifest, 'label')}: label 0 (normal) but its mask {row.mask} marks "
+                        f"{int((mask > 0).sum())} voxel(s) as anomalous; fix the label or the mask")
     brain_mask = brain > 0 if brain is not None else derive_brain_mask(image)
     lo, hi = normalisation_range(image, brain_mask, percentiles)
     return LoadedSubject(

@@ -51,13 +51,17 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
     """
     if uncertainty and not runs:
         raise ConfigError("uncertainty estimators need trained runs (--run RUN_DIR)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r}: must be an integer >= 1")
+    if size is not None and size < 8:
+        raise ConfigError(f"--size {size!r}: the slice size must be an integer >= 8 pixels")
     model_scorers: list[Scorer] = [ModelScorer.from_run(r) for r in runs]
     all_scorers = list(scorers) + model_scorers
     sizes = {s.size for s in all_scorers}
     if len(sizes) > 1:
         raise ConfigError(f"the methods were trained at different slice sizes {sorted(sizes)}; "
                           f"evaluate them separately")
-    grid = sizes.pop() if sizes else (size or 128)
+    grid = sizes.pop() if sizes else (size if size is not None else 128)
     if size is not None and size != grid:
         raise ConfigError(f"--size {size} differs from the runs' training size {grid}; inputs are resampled "
                           f"to the training size automatically, so omit --size")

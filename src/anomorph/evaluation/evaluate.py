@@ -287,16 +287,45 @@ def evaluate_methods(scorers: Sequence[Scorer], manifest: str | Path, config: Sl
 
 
 # ---------------------------------------------------------------------------- outputs
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: NaN → None, numpy → Python."""
+def _non_finite_reason(value: float) -> str:
+    if math.isnan(value):
+        return "NaN (undefined)"
+    return f"{'+' if value > 0 else '-'}inf (JSON has no infinity; a -inf threshold predicts every pixel anomalous)"
+
+
+def _clean(value: Any, sink: dict[str, str] | None = None, key: str = "") -> Any:
+    """JSON-safe copy: numpy → Python; NaN and ±inf → ``null`` with an explicit reason.
+
+    Every non-finite number becomes ``None`` and, unless a reason is already recorded, its
+    dotted key is added to the ``undefined`` map of the nearest enclosing metrics dict (one
+    that has an ``undefined`` map, else the dict holding the value), e.g.
+    ``by_lesion_type/ms/undefined/oracle_best_dice_threshold = "-inf (...)"``. ``json.dumps``
+    with ``allow_nan=False`` would otherwise fail on them after all the work is done.
+    """
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        own = "undefined" in value or sink is None
+        undefined = {str(k): str(v) for k, v in (value.get("undefined") or {}).items()} if own else sink
+        for k, v in value.items():
+            if str(k) == "undefined" and own:
+                continue
+            out[str(k)] = _clean(v, undefined, str(k) if own else f"{key}.{k}")
+        if own and (undefined or "undefined" in value):
+            out["undefined"] = undefined
+        return out
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [_clean(v, sink, key) for v in value]
     if isinstance(value, (np.floating, float)):
-        return None if math.isnan(float(value)) else float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            if sink is not None and key and key not in sink:
+                sink[key] = _non_finite_reason(number)
+            return None
+        return number
     if isinstance(value, np.integer):
         return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
     return value
 
 
@@ -312,7 +341,7 @@ def flat_rows(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
             for key in TABLE_METRICS + ("mean_displacement_lesion", "mean_displacement_healthy",
                                         "n_slices", "n_abnormal_slices"):
                 value = metrics.get(key)
-                row[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+                row[key] = None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
             rows.append(row)
     return rows
 
@@ -337,6 +366,9 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, extra: d
     """Write ``metrics.json`` (full, nested) and ``metrics.csv`` (flat) atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(".tmp-*"), *(out_dir / "figures").glob(".tmp-*")]:
+        if stale.is_file():  # hidden temporaries of a killed evaluate (atomic_write names)
+            stale.unlink(missing_ok=True)
     payload = {"methods": {r.name: _clean(r.metrics) for r in results}, **_clean(extra or {})}
     json_path = atomic_write(out_dir / "metrics.json",
                              lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, allow_nan=False)))

@@ -688,4 +688,9 @@ def build_estimator(name: str, **options: Any) -> UncertaintyEstimator:
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for uncertainty estimator {name!r}; "
                          f"accepted: {sorted(accepted)}")
-    return ESTIMATORS[name](**options)
+    try:
+        return ESTIMATORS[name](**options)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. passes=abc: int("abc")
+        raise ConfigError(f"uncertainty estimator {name!r}: bad option value(s) {options}: {err}") from err
