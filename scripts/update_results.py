@@ -6,7 +6,7 @@ Only the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers 
 (NAME: ``results`` — mean ± std tables; ``paired`` — per-subject paired differences with
 bootstrap CIs; ``selection`` — the val search and the chosen values; ``uquality`` in
 docs/uncertainty.md — every estimator measured as u on val), the generated figures are copied to
-``docs/img/`` and the small result files to ``docs/results/`` (committed, so every number can be
+``docs/img/`` and the small result files to ``benchmarks/results/`` (committed, so every number can be
 traced), so every number and figure in the docs comes from a benchmark's
 own output, never typed by hand.
 """
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--results-doc", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--uncertainty-doc", type=Path, default=Path("docs/uncertainty.md"))
+    parser.add_argument("--results-copy", type=Path, default=Path("benchmarks/results"),
+                        help="where the small result files are copied (committed)")
     args = parser.parse_args()
     replace(args.readme, "results", results_block(args.results_dir, args.command, True))
     replace(args.results_doc, "results", results_block(args.results_dir, args.command, False))
@@ -126,9 +128,9 @@ def main() -> None:
     if any(args.results_dir.glob("*/uncertainty/quality.md")):
         replace(args.uncertainty_doc, "uquality", quality_block(args.results_dir, args.command))
     figures = copy_figures(args.results_dir, args.results_doc.parent / "img")
-    files = copy_result_files(args.results_dir, args.results_doc.parent / "results")
+    files = copy_result_files(args.results_dir, args.results_copy)
     print(f"updated {args.readme}, {args.results_doc} and {args.uncertainty_doc}; copied {len(figures)} figures "
-          f"and {len(files)} result files to {args.results_doc.parent / 'results'}")
+          f"and {len(files)} result files to {args.results_copy}")
 
 
 if __name__ == "__main__":
