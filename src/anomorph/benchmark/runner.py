@@ -185,29 +185,20 @@ def train_method(config_path: str, overrides: list[str], run_dir: Path) -> Path:
 
 def guided_scorers(method: MethodSpec, run_dir: Path, data, seed: int,
                    guidance_values: dict[str, Any] | None = None) -> list:
-    """The guided scorer (and its oracle-guided twin when the strategy has one) of ``method``
-    on a trained run; u is calibrated on ``data.healthy_reference()`` (the calibration subjects).
-    ``guidance_values`` override the method's ``guidance`` (the val-chosen values); the key
-    ``estimator`` overrides the method's estimator."""
-    from ..guidance.scorer import STRATEGIES, GuidedScorer
-    from ..guidance.sources import residual_normaliser, uncertainty_source
-    from ..training import load_run
+    """The guided detector (and its oracle-guided twin when the strategy has one) of ``method``
+    on a trained run: :meth:`Detector.from_run <anomorph.scoring.Detector.from_run>` with u
+    calibrated on ``data.healthy_reference()`` (the calibration subjects, never the saved
+    calibration files). ``guidance_values`` override the method's ``guidance`` (the val-chosen
+    values); the key ``estimator`` overrides the method's estimator."""
+    from ..scoring import STRATEGIES, Detector
 
-    network, config = load_run(run_dir)
     values = {**method.guidance, **(guidance_values or {})}
     estimator = values.pop("estimator", method.estimator)
-    guidance = dataclasses.replace(config.guidance, **values)
-    images, brains = data.healthy_reference()
-    strategy = STRATEGIES[method.strategy]
-    source = None
-    if strategy.uses_mask:
-        source, _ = uncertainty_source(estimator, network, images, brains, guidance.normalise, seed)
-    residual = residual_normaliser(network, images, brains) if method.strategy == "iterative" else None
-    scorers = [GuidedScorer(network, config, method.strategy, source, guidance=guidance, name=method.name,
-                            residual_normaliser=residual)]
-    if method.oracle_guided and strategy.oracle_twin:
-        scorers.append(GuidedScorer(network, config, method.strategy, oracle=True, guidance=guidance,
-                                    name=f"{method.name} (oracle-guided)"))
+    detector = Detector.from_run(run_dir, guidance={**values, "strategy": method.strategy}, estimator=estimator,
+                                 healthy=data.healthy_reference(), calibration=False, seed=seed, name=method.name)
+    scorers = [detector]
+    if method.oracle_guided and STRATEGIES[method.strategy].oracle_twin:
+        scorers.append(detector.oracle_twin(f"{method.name} (oracle-guided)"))
     return scorers
 
 
@@ -225,18 +216,17 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
     """Evaluate every method of one seed on one dataset; writes ``<dataset>/seed<S>/metrics.json``."""
     from ..data.slices import SliceDataset
     from ..evaluation.evaluate import EvaluationData, evaluate_scorer, write_results
-    from ..evaluation.inference import ModelScorer, OracleScorer, ThresholdScorer
-    from ..training import load_run
-    from ..training.datamodule import slice_config
+    from ..data.slices import SliceConfig
+    from ..evaluation.inference import OracleScorer, ThresholdScorer
+    from ..runs import load_run
+    from ..scoring import Detector
 
     out = Path(config.output_dir) / dataset.name / f"seed{seed}"
     trained = [m for m in config.methods if m.name in runs]
     if trained:
         _, first = load_run(runs[trained[0].name])
-        slices = slice_config(first.data)
+        slices = SliceConfig.from_config(first.data)
     else:
-        from ..data.slices import SliceConfig
-
         slices = SliceConfig()
     data = EvaluationData.load(manifest, slices, config.calibration_fraction)
     chosen_guidance = (chosen or {}).get("guidance", {})
@@ -248,8 +238,7 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
             scorer.name = method.name
             scorers.append(scorer)
         elif method.kind == "train":
-            scorers.append(ModelScorer.from_run(runs[method.name]))
-            scorers[-1].name = method.name
+            scorers.append(Detector.from_run(runs[method.name], guidance="none", calibration=False, name=method.name))
         else:
             scorers.extend(guided_scorers(method, runs[method.name if method.config else method.run], data, seed,
                                           chosen_guidance.get(method.name)))

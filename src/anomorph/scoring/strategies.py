@@ -29,10 +29,10 @@ from typing import Callable, ClassVar
 import torch
 
 from ..config import GuidanceConfig, RunConfig
-from ..evaluation.inference import Prediction, Scorer
+from .base import Prediction, Scorer
 from ..networks import ModelOutput, jacobian_determinant
-from ..training import losses
-from .masks import dilate_mask, ramp_mask
+from .. import losses
+from ..guidance.masks import dilate_mask, ramp_mask
 
 
 @dataclass
