@@ -8,6 +8,8 @@ Run directory layout::
     RUN_DIR/logs/csv/sessionN/metrics.csv   CSV log of the N-th (re)start (read all: read_training_log)
     RUN_DIR/logs/tensorboard/sessionN/      TensorBoard events
     RUN_DIR/figures/val_epochNNN.png  reconstructions per validation epoch
+    RUN_DIR/calibration/           healthy normaliser + FPR thresholds (``anomorph calibrate``; run at
+                                   the end of ``fit`` when the manifest has val rows)
 
 A deep ensemble (``anomorph fit --ensemble K``, :func:`fit_ensemble`) is a directory of K such
 run directories with seeds ``seed + k``, plus ``ensemble.yaml`` listing them::
