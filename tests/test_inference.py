@@ -287,3 +287,22 @@ def test_calibration_load_refuses_pickles(tiny_calibrated_run, tmp_path):
     (run / "calibration" / "normaliser.npz").write_bytes(pickle.dumps({"mean": object()}))
     with pytest.raises(CheckpointError, match="normaliser.npz"):
         Calibration.load(run)
+
+
+def test_evaluate_scores_a_run_with_its_calibrated_guidance(tiny_calibrated_run, tiny_phantom, tmp_path):
+    """The run's guidance setting is no longer ignored at inference: after calibrating gating,
+    ``evaluate`` scores the run with gating (u and m included) unless told otherwise."""
+    import shutil
+
+    from anomorph.evaluation.api import evaluate
+    from anomorph.evaluation.calibrate import calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_calibrated_run, run)
+    calibrate(run, guidance="gating")
+    guided = evaluate([run], tiny_phantom, tmp_path / "eval", report=False, oracle=False).results[0]
+    plain = evaluate([run], tiny_phantom, tmp_path / "eval0", report=False, oracle=False,
+                     guidance="none").results[0]
+    assert guided.name.endswith("+gating") and "uncertainty_auroc" in guided.metrics
+    assert "uncertainty_auroc" not in plain.metrics
+    assert guided.metrics["pixel_auprc"] != plain.metrics["pixel_auprc"]
