@@ -107,7 +107,8 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
-    _calibrate_after_fit(run_dir, config)
+    if trainer.is_global_zero:
+        _calibrate_after_fit(run_dir, config)
     return run_dir
 
 
