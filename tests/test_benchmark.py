@@ -1,6 +1,7 @@
 """Benchmark runner: aggregation math, resumability, and a tiny end-to-end study."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -50,7 +51,7 @@ def test_shipped_benchmark_config_is_valid():
     config = load_benchmark_config("benchmarks/phantom.yaml")
     assert config.seeds == [0, 1, 2]
     assert {m.strategy for m in config.methods if m.kind == "guided"} == {
-        "gating", "map", "cost_masking", "tto", "iterative", "conditioned"}
+        "gating", "map", "cost_masking", "tto", "iterative"}
     assert config.datasets[0].varies_with_seed and config.selection["seed"] == 0
 
 
@@ -99,15 +100,24 @@ def _selection_config(out: Path) -> BenchmarkConfig:
                  MethodSpec("tto", "guided", run="morphaeus", strategy="tto", guidance={"map_steps": 2})],
         overrides=TINY,
         selection={"seed": 0, "criterion": "pixel_auprc", "train_grid": {"morphaeus": {"train.beta_end": [0.01, 1.0]}},
-                   "guidance_grid": {"gating": {"threshold": [1.0, 3.0], "dilation": [0, 1]}}})
+                   "guidance_grid": {"gating": {"threshold": [1.0, 3.0], "dilation": [0, 1]}}},
+        uncertainty_quality=[{"name": "residual_z"}, {"name": "deformation", "options": {"quantity": "displacement"}}])
 
 
 def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
     from anomorph.data.manifest import read_manifest
 
     config = _selection_config(tmp_path)
-    run_benchmark(config)
+    config.report_seeds = [0]
+    files = run_benchmark(config)
     root = tmp_path / "bench" / "tiny"
+    assert sorted(p.name for p in (root / "figures").glob("guidance_*.png"))  # the explanatory panels
+    assert (root / "figures" / "uncertainty_panels.png").is_file()
+    quality = list(csv.DictReader((root / "uncertainty" / "quality.csv").open()))
+    overall = [r for r in quality if r["group"] == "overall"]
+    assert [r["estimator"] for r in overall] == ["residual_z", "deformation[quantity=displacement]"]
+    assert all(0 <= float(r["u_auroc"]) <= 1 and 0 <= float(r["healthy_false_alarm"]) <= 1 for r in overall)
+    assert "paired_markdown" in files and "tto" in files["paired_markdown"].read_text()
     chosen = json.loads((root / "selection" / "chosen.json").read_text())
     search = (root / "selection" / "search.csv").read_text().splitlines()
     assert len(search) == 1 + 2 + 4  # header, two trained β, 2×2 gating values
@@ -144,3 +154,34 @@ def run_selection_only(config):
     from anomorph.benchmark.selection import run_selection
 
     return run_selection(config, config.datasets[0])
+
+
+def test_paired_differences_pool_seeds_and_match_a_direct_bootstrap(tmp_path):
+    from anomorph.benchmark.aggregate import paired_differences, paired_markdown
+    from anomorph.benchmark.statistics import paired_bootstrap
+
+    config = BenchmarkConfig(name="t", output_dir=str(tmp_path), seeds=[0, 1], reference="base",
+                             datasets=[DatasetSpec("d", "unused.csv")], methods=[MethodSpec("base", "threshold")])
+    rng = np.random.default_rng(0)
+    expected_diffs, groups = [], []
+    for seed in (0, 1):
+        base, guided = {}, {}
+        for i in range(5):
+            kind = "a" if i % 2 else "b"
+            a, b = rng.uniform(0, 0.5), rng.uniform(0, 0.5) + 0.2 * seed
+            base[f"s{i}"] = {"lesion_type": kind, "pixel_auprc": a, "dice_at_val": a}
+            guided[f"s{i}"] = {"lesion_type": kind, "pixel_auprc": b, "dice_at_val": b}
+        out = tmp_path / "d" / f"seed{seed}"
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"methods": {"base": {"per_subject": base},
+                                                                  "guided": {"per_subject": guided}}}))
+        for key in sorted(base):
+            expected_diffs.append(guided[key]["pixel_auprc"] - base[key]["pixel_auprc"])
+            groups.append(f"seed{seed}")
+    rows = paired_differences(config, n_resamples=2000)
+    overall = [r for r in rows if r["metric"] == "pixel_auprc" and r["group"] == "overall"][0]
+    direct = paired_bootstrap(expected_diffs, groups, n_resamples=2000)
+    assert overall["n"] == 10 and overall["mean"] == pytest.approx(np.mean(expected_diffs))
+    assert (overall["ci_low"], overall["ci_high"]) == pytest.approx((direct["ci_low"], direct["ci_high"]))
+    assert {r["group"] for r in rows} == {"overall", "a", "b"}
+    assert "guided" in paired_markdown(rows) and "[" in paired_markdown(rows)

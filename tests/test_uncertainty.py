@@ -404,3 +404,33 @@ def test_evaluate_reports_uncertainty(tiny_ensemble, tiny_phantom, tmp_path):
     # the run's own row carries the first estimator's u
     assert saved["methods"]["run"]["uncertainty_auroc"] == pytest.approx(section["mc_dropout"]["uncertainty_auroc"])
     assert "mc_dropout" in out.uncertainty_table and "ensemble" in out.uncertainty_table
+
+
+def test_deformation_atypicality_and_warped_residual_read_the_unguided_registration():
+    import pytest as _pytest
+
+    from anomorph.errors import ConfigError
+    from anomorph.networks import build_network, jacobian_determinant
+    from anomorph.uncertainty import build_estimator
+
+    torch.manual_seed(0)
+    net = build_network({"name": "morphaeus", "image_size": 32, "channels": [8, 16, 32], "strides": [2, 2, 2],
+                         "latent_dim": 16, "head_channels": [8, 16]}).eval()
+    with torch.no_grad():
+        net.velocity_head.velocity.weight.normal_(0, 0.3)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = net(x)
+    logdet = build_estimator("deformation")(net, x)
+    expected = torch.log(jacobian_determinant(out.displacement).clamp_min(1e-3)).abs()
+    assert torch.allclose(logdet.raw, expected, atol=1e-6) and float(logdet.raw.max()) > 0
+    magnitude = build_estimator("deformation", quantity="displacement")(net, x)
+    assert torch.allclose(magnitude.raw, out.displacement.norm(dim=1, keepdim=True), atol=1e-6)
+    residual = build_estimator("warped_residual")(net, x)
+    assert torch.allclose(residual.raw, (x - out.warped).abs(), atol=1e-6)
+    with _pytest.raises(ConfigError, match="quantity"):
+        build_estimator("deformation", quantity="curl")
+    ae = build_network({"name": "ae", "image_size": 32, "channels": [8, 16, 32], "strides": [2, 2, 2],
+                        "latent_dim": 16}).eval()
+    with _pytest.raises(ConfigError, match="deformable"):
+        build_estimator("deformation")(ae, x)

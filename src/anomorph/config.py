@@ -97,7 +97,8 @@ class GuidanceConfig:
         the head reads m, see below).
     estimator: uncertainty estimator giving u (see docs/uncertainty.md).
     normalise: z-score u against the estimator's statistics on healthy val slices; the mask is
-        then cut from that z-score.
+        then cut from that z-score. normaliser_mode: "pixel" (statistics at the same model-grid
+        pixel) or "tissue" (same intensity × gradient bin of x̂), see docs/uncertainty.md.
     threshold / softness: m = clamp((score − threshold + softness) / softness, 0, 1), score =
         the healthy z-score (normalise on; units: healthy standard deviations) or u (normalise
         off; threshold in [0, 1]). m = 1 where score ≥ threshold, 0 where score ≤ threshold −
@@ -116,6 +117,7 @@ class GuidanceConfig:
     strategy: str = "none"
     estimator: str = "residual_z"
     normalise: bool = True
+    normaliser_mode: str = "pixel"
     threshold: float = 3.0
     softness: float = 1.0
     dilation: int = 1
@@ -218,6 +220,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     for key, low in (("softness", 0), ("dilation", 0), ("rounds", 1), ("map_steps", 0)):
         if not getattr(g, key) >= low:
             raise ConfigError(f"guidance.{key}: must be >= {low}, got {getattr(g, key)!r}")
+    if g.normaliser_mode not in ("pixel", "tissue"):
+        raise ConfigError(f"guidance.normaliser_mode: {g.normaliser_mode!r} is not one of ('pixel', 'tissue')")
     if not g.normalise and not 0 <= g.threshold <= 1:
         raise ConfigError(f"guidance.threshold: {g.threshold!r} must be in [0, 1] when guidance.normalise is "
                           "false (the mask is cut from u itself)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.io import atomic_write
+from .statistics import paired_table
 
 COLUMNS = {  # metric key → column title; SPEC §4 / issue 6 columns first
     "pixel_auprc": "pixel AUPRC", "dice_at_val": "Dice@val", "slice_auroc": "slice AUROC",
@@ -113,8 +114,74 @@ def to_html(rows: list[dict[str, Any]], title: str, context: dict[str, Any]) -> 
             f"<table><tr>{head}</tr>{''.join(body)}</table></body></html>\n")
 
 
+PAIRED_METRICS = {"pixel_auprc": "Δ pixel AUPRC", "dice_at_val": "Δ Dice@val"}
+
+
+def paired_differences(config, n_resamples: int = 10000) -> list[dict[str, Any]]:
+    """Per method: the paired difference (method − ``config.reference``) per test subject with a
+    lesion, pooled over seeds (key ``seed<S>/<subject>``; every seed has its own data), with a
+    bootstrap 95% CI that resamples subjects within each seed; overall and per lesion type."""
+    rows: list[dict[str, Any]] = []
+    for dataset in config.datasets:
+        per_method: dict[str, dict[str, dict[str, Any]]] = {}
+        for seed in config.seeds:
+            path = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
+            if not path.is_file():
+                continue
+            for method, metrics in json.loads(path.read_text())["methods"].items():
+                for subject, record in (metrics.get("per_subject") or {}).items():
+                    per_method.setdefault(method, {})[f"seed{seed}/{subject}"] = record
+        reference = per_method.get(config.reference)
+        if reference is None:
+            continue
+        for method, records in per_method.items():
+            if method == config.reference or set(records) != set(reference):
+                continue
+            for metric in PAIRED_METRICS:
+                if not all(metric in r for r in records.values()) or not all(metric in r for r in reference.values()):
+                    continue
+                for row in paired_table(reference, records, metric, stratify=lambda key: key.split("/")[0],
+                                        n_resamples=n_resamples):
+                    rows.append({"dataset": dataset.name, "method": method, "reference": config.reference, **row})
+    return rows
+
+
+def _ci(row: dict[str, Any] | None) -> str:
+    if row is None or row.get("mean") is None:
+        return "—"
+    if row.get("ci_low") is None:
+        return f"{row['mean']:+.3f} (n = {row['n']})"
+    mark = " *" if row["ci_low"] > 0 or row["ci_high"] < 0 else ""
+    return f"{row['mean']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]{mark}"
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per dataset and group (overall, each lesion type): method × Δ metric [95% CI]."""
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        reference = subset[0]["reference"]
+        groups = list(dict.fromkeys(r["group"] for r in subset))
+        for group in groups:
+            n = max((r["n"] for r in subset if r["group"] == group), default=0)
+            title = "all lesion subjects" if group == "overall" else f"lesion type: {group}"
+            out.append(f"**{dataset} — {title}**: method − {reference}, mean over {n} test subjects "
+                       f"(all seeds) [bootstrap 95% CI, subjects resampled within each seed]; * = CI excludes 0\n")
+            out.append("| method | " + " | ".join(PAIRED_METRICS.values()) + " |")
+            out.append("|---|" + "---|" * len(PAIRED_METRICS))
+            for method in dict.fromkeys(r["method"] for r in subset):
+                cells = []
+                for metric in PAIRED_METRICS:
+                    match = [r for r in subset if r["method"] == method and r["group"] == group and r["metric"] == metric]
+                    cells.append(_ci(match[0] if match else None))
+                out.append(f"| {method} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def write_tables(rows: list[dict[str, Any]], config, elapsed_s: float | None = None) -> dict[str, Path]:
-    """Write results.csv, results.md and results.html into the benchmark's output folder."""
+    """Write results.csv, results.md, results.html and the paired comparison (paired.csv,
+    paired.md) into the benchmark's output folder."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     context = {"benchmark": config.name, "seeds": ", ".join(map(str, config.seeds)),
@@ -132,4 +199,13 @@ def write_tables(rows: list[dict[str, Any]], config, elapsed_s: float | None = N
         "html": atomic_write(out / "results.html", lambda tmp: Path(tmp).write_text(
             to_html(rows, f"{config.name} results", context))),
     }
+    paired = paired_differences(config)
+    if paired:
+        fields = list(dict.fromkeys(k for r in paired for k in r))
+        paired_buffer = io.StringIO()
+        writer = csv.DictWriter(paired_buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(paired)
+        files["paired_csv"] = atomic_write(out / "paired.csv", lambda tmp: Path(tmp).write_text(paired_buffer.getvalue()))
+        files["paired_markdown"] = atomic_write(out / "paired.md", lambda tmp: Path(tmp).write_text(paired_markdown(paired)))
     return files

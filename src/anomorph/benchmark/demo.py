@@ -39,7 +39,7 @@ def demo_config(out: str | Path, epochs: int | None = None) -> BenchmarkConfig:
             MethodSpec("ae", "train", config=str(_configs() / "ae.yaml")),
             MethodSpec("morphaeus", "train", config=str(_configs() / "morphaeus.yaml")),
             MethodSpec("morphaeus+iterative", "guided", run="morphaeus", strategy="iterative",
-                       estimator="residual_z", oracle_guided=True, guidance={"threshold": 0.99}),
+                       estimator="residual_z"),
         ],
         overrides=overrides,
     )

@@ -82,7 +82,9 @@ class BenchmarkConfig:
     normalisers) and never choose thresholds. ``reference``: the method every other row is
     compared with in the paired table. ``selection``: the val search that chooses every
     hyperparameter behind a reported number (:class:`.selection.SelectionSpec` fields); empty =
-    no search, the configs' values are used as they are.
+    no search, the configs' values are used as they are. ``uncertainty_quality``: estimator
+    specs ``{name, options, mode}`` measured as u on val (:mod:`.uncertainty_quality`; needs
+    ``selection``).
     """
 
     name: str = "benchmark"
@@ -96,6 +98,7 @@ class BenchmarkConfig:
     calibration_fraction: float = 0.5
     reference: str = "morphaeus"
     selection: dict[str, Any] = field(default_factory=dict)
+    uncertainty_quality: list[dict[str, Any]] = field(default_factory=list)
 
 
 KINDS = ("threshold", "train", "guided")
@@ -139,6 +142,15 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
         for name in list(config.selection["train_grid"]) + list(config.selection["guidance_grid"]):
             if name not in names:
                 raise ConfigError(f"{path}: selection: {name!r} is not a method of this benchmark")
+    from ..uncertainty.estimators import ESTIMATORS
+
+    for spec in config.uncertainty_quality:
+        if not isinstance(spec, dict) or spec.get("name") not in ESTIMATORS or \
+                set(spec) - {"name", "options", "mode"} or spec.get("mode", "pixel") not in ("pixel", "tissue"):
+            raise ConfigError(f"{path}: uncertainty_quality: {spec!r} must be {{name: one of {sorted(ESTIMATORS)}, "
+                              "options: {...}, mode: pixel|tissue}")
+    if config.uncertainty_quality and not config.selection:
+        raise ConfigError(f"{path}: uncertainty_quality needs a selection section (it uses the val-chosen run)")
     if not 0 <= config.calibration_fraction < 1:
         raise ConfigError(f"{path}: calibration_fraction must be in [0, 1), got {config.calibration_fraction}")
     if not config.datasets or not config.methods:
@@ -211,29 +223,30 @@ def method_overrides(config: BenchmarkConfig, method: MethodSpec, manifest: Path
     return overrides
 
 
-def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path, seed: int,
-                  runs: dict[str, Path], chosen: dict[str, Any] | None = None) -> Path:
-    """Evaluate every method of one seed on one dataset; writes ``<dataset>/seed<S>/metrics.json``."""
-    from ..data.slices import SliceDataset
-    from ..evaluation.evaluate import EvaluationData, evaluate_scorer, write_results
+def load_seed_data(config: BenchmarkConfig, manifest: Path, runs: dict[str, Path]):
+    """The seed's :class:`EvaluationData` on the model grid of its first trained run, with the
+    calibration subjects set aside (``config.calibration_fraction``)."""
     from ..data.slices import SliceConfig
-    from ..evaluation.inference import OracleScorer, ThresholdScorer
+    from ..evaluation.evaluate import EvaluationData
     from ..runs import load_run
+
+    trained = [m for m in config.methods if m.name in runs]
+    slices = SliceConfig.from_config(load_run(runs[trained[0].name])[1].data) if trained else SliceConfig()
+    return EvaluationData.load(manifest, slices, config.calibration_fraction)
+
+
+def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict[str, Path], data,
+                  chosen: dict[str, Any] | None = None) -> list:
+    """Every row's scorer for one seed, in the config's order (oracle twins after their method)."""
+    from ..data.slices import SliceDataset
+    from ..evaluation.inference import ThresholdScorer
     from ..scoring import Detector
 
-    out = Path(config.output_dir) / dataset.name / f"seed{seed}"
-    trained = [m for m in config.methods if m.name in runs]
-    if trained:
-        _, first = load_run(runs[trained[0].name])
-        slices = SliceConfig.from_config(first.data)
-    else:
-        slices = SliceConfig()
-    data = EvaluationData.load(manifest, slices, config.calibration_fraction)
     chosen_guidance = (chosen or {}).get("guidance", {})
     scorers = []
     for method in config.methods:
         if method.kind == "threshold":
-            train = SliceDataset(manifest, ["train"], slices, healthy_only=True)
+            train = SliceDataset(manifest, ["train"], data.config, healthy_only=True)
             scorer = ThresholdScorer.fit(train, method.mode)
             scorer.name = method.name
             scorers.append(scorer)
@@ -242,12 +255,23 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
         else:
             scorers.extend(guided_scorers(method, runs[method.name if method.config else method.run], data, seed,
                                           chosen_guidance.get(method.name)))
+    return scorers
+
+
+def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path, seed: int,
+                  runs: dict[str, Path], chosen: dict[str, Any] | None = None) -> Path:
+    """Evaluate every method of one seed on one dataset; writes ``<dataset>/seed<S>/metrics.json``."""
+    from ..evaluation.evaluate import evaluate_scorer, write_results
+    from ..evaluation.inference import OracleScorer
+
+    out = Path(config.output_dir) / dataset.name / f"seed{seed}"
+    data = load_seed_data(config, manifest, runs)
     results = []
-    for scorer in scorers:
+    for scorer in build_scorers(config, manifest, seed, runs, data, chosen):
         _log(f"evaluating {scorer.name} (seed {seed}, {dataset.name})")
         results.append(evaluate_scorer(scorer, data, config.batch_size))
     if data.has_oracle:
-        results.append(evaluate_scorer(OracleScorer(slices.size), data, config.batch_size))
+        results.append(evaluate_scorer(OracleScorer(data.config.size), data, config.batch_size))
     context = {"benchmark": config.name, "dataset": dataset.name, "manifest": str(manifest), "seed": seed,
                "machine": f"{platform.node()} ({platform.machine()})", "chosen_on_val": chosen or {},
                "calibration_subjects": sorted({row.subject for row, _, _ in data.calibration.meta})
@@ -258,6 +282,21 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
         write_report(results, out, title=f"{config.name}: {dataset.name}, seed {seed}", context=context)
     write_results(results, out, extra={"context": context})
     return out / "metrics.json"
+
+
+def seed_runs(config: BenchmarkConfig, dataset: DatasetSpec, seed: int, chosen: dict[str, Any]) -> dict[str, tuple[Path, list[str]]]:
+    """Per trained method of ``seed``: (run directory, the val-chosen overrides it is trained
+    with). The selection seed reuses the run the val search trained with the chosen values."""
+    runs = {}
+    for method in config.methods:
+        if method.kind == "train" or (method.kind == "guided" and method.config):
+            extra = list(chosen.get("train", {}).get(method.name, []))
+            reused = chosen.get("runs", {}).get(method.name) if seed == chosen.get("seed") else None
+            if reused and (Path(reused) / "done").exists():
+                runs[method.name] = (Path(reused), extra)
+            else:
+                runs[method.name] = (Path(config.output_dir) / dataset.name / method.name / f"seed{seed}", extra)
+    return runs
 
 
 def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = None) -> dict[str, Path]:
@@ -282,6 +321,10 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
             from .selection import run_selection
 
             chosen = timed("select on val", run_selection, config, dataset)
+            if config.uncertainty_quality:
+                from .uncertainty_quality import uncertainty_quality
+
+                timed("uncertainty quality", uncertainty_quality, config, dataset, chosen)
         for seed in config.seeds:
             metrics = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
             if metrics.is_file():
@@ -289,17 +332,17 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
                 continue
             manifest = timed("data", ensure_dataset, dataset, seed)
             runs: dict[str, Path] = {}
-            for method in config.methods:
-                if method.kind == "train" or (method.kind == "guided" and method.config):
-                    extra = chosen.get("train", {}).get(method.name, [])
-                    reused = chosen.get("runs", {}).get(method.name) if seed == chosen.get("seed") else None
-                    if reused and (Path(reused) / "done").exists():
-                        runs[method.name] = Path(reused)  # the val search trained exactly this run
-                        continue
-                    run_dir = Path(config.output_dir) / dataset.name / method.name / f"seed{seed}"
-                    runs[method.name] = timed(f"train {method.name}", train_method, method.config,
-                                              method_overrides(config, method, manifest, seed) + list(extra), run_dir)
+            methods = {m.name: m for m in config.methods}
+            for name, (run_dir, extra) in seed_runs(config, dataset, seed, chosen).items():
+                method = methods[name]
+                runs[name] = timed(f"train {name}", train_method, method.config,
+                                   method_overrides(config, method, manifest, seed) + extra, run_dir)
             timed("evaluate", evaluate_seed, config, dataset, manifest, seed, runs, chosen)
+        if config.report_seeds and (Path(config.output_dir) / dataset.name / f"seed{config.report_seeds[0]}"
+                                    / "metrics.json").is_file():
+            from .figures import guidance_figures
+
+            timed("figures", guidance_figures, config, dataset, config.report_seeds[0], chosen)
     table = aggregate(config)
     files = write_tables(table, config, elapsed_s=time.time() - started)
     return files

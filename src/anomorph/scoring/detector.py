@@ -171,10 +171,13 @@ class Detector(Scorer):
                 base = build_estimator_for_run(name_u, run_dir, {"seed": seed, **options})
                 from ..uncertainty import HealthyNormaliser
 
-                model = HealthyNormaliser.fit(base, network, healthy[0], healthy[1])
+                model = HealthyNormaliser.fit(base, network, healthy[0], healthy[1],
+                                              mode=getattr(guidance, "normaliser_mode", "pixel"))
             elif calibration is not None and calibration.estimator_name == name_u:
                 base = build_estimator_for_run(name_u, run_dir, options)
                 model = calibration.normaliser(base)
+                if model is not None and model.mode != getattr(guidance, "normaliser_mode", model.mode):
+                    model = None  # saved for the other normaliser mode
             if model is None and wants_u:
                 where = f"{run_dir}" if run_dir is not None else "this run"
                 have = calibration.estimator_name if calibration is not None else None
@@ -189,7 +192,7 @@ class Detector(Scorer):
             if healthy is not None and guidance.strategy == "iterative":
                 residual = fit_residual_statistics(network, healthy[0], healthy[1])
             elif calibration is not None and calibration.info.get("residual"):
-                from .sources import WarpedResidualEstimator
+                from ..uncertainty.estimators import WarpedResidualEstimator
 
                 residual = calibration.normaliser(WarpedResidualEstimator(), "residual")
             if guidance.strategy == "iterative" and residual is None:

@@ -12,21 +12,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..runs import is_ensemble
 from ..uncertainty import HealthyNormaliser, UncertaintyEstimator, build_estimator
+from ..uncertainty.estimators import WarpedResidualEstimator
 from .strategies import GuidanceSignal
-
-
-class WarpedResidualEstimator(UncertaintyEstimator):
-    """|x − x̃| of the *unguided* registration, in intensity units. Only used to fit healthy
-    statistics for the iterative strategy's later rounds (never as a first-round u: it
-    depends on φ)."""
-
-    name = "warped_residual"
-    units = "intensity"
-    default_scale = 0.1
-
-    def estimate(self, network: nn.Module, images: torch.Tensor, generator: torch.Generator):
-        out = network(images)
-        return (images - out.warped).abs(), {"reconstruction": out.reconstruction}
 
 
 def signal_function(model, normalise: bool) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], GuidanceSignal]:
@@ -42,16 +29,17 @@ def signal_function(model, normalise: bool) -> Callable[[nn.Module, torch.Tensor
 
 def uncertainty_source(estimator: str | UncertaintyEstimator, network: nn.Module, healthy_images: torch.Tensor,
                        healthy_brains: torch.Tensor, normalise: bool = True, seed: int = 0,
-                       **options) -> tuple[Callable[[nn.Module, torch.Tensor, torch.Tensor], GuidanceSignal], object]:
+                       mode: str = "pixel", **options) -> tuple[Callable[[nn.Module, torch.Tensor, torch.Tensor], GuidanceSignal], object]:
     """(signal function for :class:`~.strategies.GuidedScorer`, the fitted estimator/normaliser).
 
     With ``normalise`` the estimator's raw map is z-scored per pixel against its statistics on
     the given healthy slices (SPEC §3: raw uncertainty concentrates on edges) and the mask is cut
     from that z-score (``guidance.threshold`` in healthy standard deviations); without it the
     mask is cut from u itself (threshold in [0, 1]). ``estimator``: a name (built with
-    ``seed`` and ``options``) or an estimator instance."""
+    ``seed`` and ``options``) or an estimator instance. ``mode``: the normaliser's "pixel" (same
+    model-grid pixel) or "tissue" (same intensity × gradient bin of x̂) statistics."""
     base = build_estimator(estimator, seed=seed, **options) if isinstance(estimator, str) else estimator
-    model = HealthyNormaliser.fit(base, network, healthy_images, healthy_brains) if normalise else base
+    model = HealthyNormaliser.fit(base, network, healthy_images, healthy_brains, mode=mode) if normalise else base
     return signal_function(model, normalise), model
 
 

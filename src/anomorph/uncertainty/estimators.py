@@ -9,10 +9,15 @@ name               raw map                                                     u
 ``aleatoric``      predicted std exp(½ log σ²) of a heteroscedastic decoder     intensity
 ``registration``   forward–backward inconsistency ‖d_f + d_b ∘ (id + d_f)‖     pixels
 ``residual_z``     prior residual |x − x̂| (÷ predicted std when available)    intensity / σ
+``deformation``    |log det Jφ| or ‖d‖ of the unguided registration             — / pixels
+``warped_residual``  registered residual |x − x̃| of the unguided registration  intensity
 =================  ==========================================================  ==============
 
 Intensities are those of the [0, 1] model-grid images; for C > 1 channels the raw map is the
-root mean square over channels. None of them reads the final residual |x − x̃| (SPEC §3).
+root mean square over channels. The first six never read the registration's result. The last
+two describe the *unguided* registration (φ, or |x − x̃|): they depend on φ, so they may only
+guide a second registration at inference (every guided strategy registers again), never a
+training loss (SPEC §3 pitfalls).
 """
 from __future__ import annotations
 
@@ -599,6 +604,60 @@ class ResidualZEstimator(UncertaintyEstimator):
         return channel_rms(residual), {"reconstruction": out.reconstruction}
 
 
+class DeformationAtypicalityEstimator(UncertaintyEstimator):
+    """Where the unguided φ does something healthy brains do not need (MorphAEus only).
+
+    Registering a lesion away needs local shrinkage or growth and displacements that normal
+    variability does not: the raw map is ``|log det Jφ|`` (``quantity="log_jacobian"``,
+    dimensionless; det J clamped at 1e-3, one-sided folds count as large) or ``‖d‖``
+    (``quantity="displacement"``, pixels) of the network's own, unguided registration. It is
+    meant to be z-scored per pixel against healthy slices (the slices are roughly aligned, so
+    "the same location" is the same model-grid pixel): high z = a deformation that is atypical
+    *there*. Depends on φ: inference only (see the module docstring). Cost: one full pass.
+    ``scale`` default 0.2 (log det) or 1.0 (pixels).
+    """
+
+    name = "deformation"
+    units = "|log det Jφ| (dimensionless) or ‖d‖ (pixels)"
+    default_scale = 0.2
+    QUANTITIES = ("log_jacobian", "displacement")
+
+    def __init__(self, quantity: str = "log_jacobian", seed: int = 0, scale: float | None = None) -> None:
+        if quantity not in self.QUANTITIES:
+            raise ConfigError(f"deformation: quantity must be one of {self.QUANTITIES}, got {quantity!r}")
+        super().__init__(seed, scale if scale is not None else (0.2 if quantity == "log_jacobian" else 1.0))
+        self.quantity = quantity
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "quantity": self.quantity}
+
+    def estimate(self, network, images, generator):
+        from ..networks import jacobian_determinant
+
+        _require_deformable(self.name, network, "deformation atypicality")
+        out = network(images)
+        if self.quantity == "log_jacobian":
+            raw = torch.log(jacobian_determinant(out.displacement).clamp_min(1e-3)).abs()
+        else:
+            raw = out.displacement.norm(dim=1, keepdim=True)
+        return raw, {"reconstruction": out.reconstruction, "displacement": out.displacement}
+
+
+class WarpedResidualEstimator(UncertaintyEstimator):
+    """|x − x̃| of the *unguided* registration, in intensity units: the post-registration
+    residual, best z-scored per tissue class (``HealthyNormaliser(mode="tissue")``). Depends
+    on φ: inference only, and used by the iterative strategy's later rounds. Cost: one full pass."""
+
+    name = "warped_residual"
+    units = "intensity"
+    default_scale = 0.1
+
+    def estimate(self, network, images, generator):
+        _require_deformable(self.name, network, "the registered residual")
+        out = network(images)
+        return channel_rms((images - out.warped).abs()), {"reconstruction": out.reconstruction}
+
+
 # ----------------------------------------------------------------------------- factory
 ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
     "mc_dropout": MCDropoutEstimator,
@@ -607,6 +666,8 @@ ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
     "aleatoric": AleatoricEstimator,
     "registration": RegistrationEstimator,
     "residual_z": ResidualZEstimator,
+    "deformation": DeformationAtypicalityEstimator,
+    "warped_residual": WarpedResidualEstimator,
 }
 
 

@@ -1,0 +1,166 @@
+"""How good is each estimator as the guidance signal u? Measured on the **val** split.
+
+For every estimator spec of ``config.uncertainty_quality`` (``{name, options, mode}``), on the
+selection seed's run of the reference deformable method (the val-chosen one):
+
+* the healthy normaliser is fitted on the val *calibration* subjects (as the guided rows do);
+* on the other val subjects: pixel AUROC and AUPRC of z (rank-equal to u) against the lesion
+  masks, overall and per lesion type, over brain pixels;
+* the healthy false-alarm rate: the fraction of brain pixels of the healthy (non-calibration)
+  val subjects with z ≥ τ, τ = the val-chosen gating threshold (m = 1 there);
+* the detection result it gives: val pixel AUPRC of the gating strategy with this estimator and
+  the val-chosen gating values.
+
+Output: ``<output_dir>/<dataset>/uncertainty/quality.csv`` and ``quality.md`` and
+``<dataset>/figures/uncertainty_panels.png`` (u of every estimator beside one val lesion per
+kind). Reused when ``quality.csv`` exists.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.io import atomic_write
+from ..evaluation.metrics import pixel_auprc, pixel_auroc
+from ..reporting.figures import plt, save_figure
+
+
+def spec_label(spec: dict[str, Any]) -> str:
+    options = ",".join(f"{k}={v}" for k, v in sorted((spec.get("options") or {}).items()))
+    mode = spec.get("mode", "pixel")
+    return spec["name"] + (f"[{options}]" if options else "") + ("" if mode == "pixel" else f" ({mode})")
+
+
+def _safe(function, scores, labels) -> float | None:
+    if labels.all() or not labels.any():
+        return None
+    value = float(function(scores, labels))
+    return None if math.isnan(value) else value
+
+
+def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
+    from ..evaluation.evaluate import EvaluationData, evaluate_scorer
+    from ..scoring.strategies import GuidedScorer
+    from ..scoring.sources import uncertainty_source
+    from ..training import load_run
+    from ..training.datamodule import slice_config
+    from .runner import _log, ensure_dataset
+
+    out = Path(config.output_dir) / dataset.name / "uncertainty"
+    if (out / "quality.csv").is_file():
+        return out / "quality.csv"
+    reference = config.reference
+    run_dir = chosen.get("runs", {}).get(reference)
+    if run_dir is None:
+        raise ValueError(f"uncertainty quality needs the val search's run of {reference!r}")
+    network, run_config = load_run(run_dir)
+    manifest = ensure_dataset(dataset, chosen["seed"])
+    data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
+    val = data.val
+    healthy_images, healthy_brains = data.healthy_reference()
+    gating = dict(chosen.get("guidance", {}).get("gating", {}))
+    gating.pop("estimator", None)
+    guidance = dataclasses.replace(run_config.guidance, **gating)
+    tau = guidance.threshold
+    brains = val.brain_masks.numpy() > 0
+    lesions = val.masks.numpy() > 0
+    subject_healthy = {}
+    for row, _, label in val.meta:
+        subject_healthy[row.subject] = subject_healthy.get(row.subject, True) and not label
+    slice_healthy = np.array([subject_healthy[row.subject] for row, _, _ in val.meta])
+    kinds = np.array([row.lesion_type or "healthy" for row, _, _ in val.meta], dtype=object)
+    on_val = EvaluationData(data.manifest, data.config, None, val, None, [], data.calibration)
+
+    rows, maps = [], {}
+    for spec in config.uncertainty_quality:
+        label = spec_label(spec)
+        _log(f"uncertainty quality: {label}")
+        source, _ = uncertainty_source(spec["name"], network, healthy_images, healthy_brains, True, chosen["seed"],
+                                       spec.get("mode", "pixel"), **(spec.get("options") or {}))
+        z_parts, u_parts = [], []
+        for start in range(0, len(val), config.batch_size):
+            s = slice(start, min(start + config.batch_size, len(val)))
+            signal = source(network, val.images[s], val.brain_masks[s])
+            z_parts.append(signal.score.numpy())
+            u_parts.append(signal.uncertainty.numpy())
+        z = np.nan_to_num(np.concatenate(z_parts), nan=0.0, posinf=1e6, neginf=-1e6)
+        maps[label] = np.concatenate(u_parts)
+        row: dict[str, Any] = {"estimator": label, "group": "overall",
+                               "u_auroc": _safe(pixel_auroc, z[brains], lesions[brains]),
+                               "u_auprc": _safe(pixel_auprc, z[brains], lesions[brains])}
+        healthy_pixels = brains & slice_healthy[:, None, None, None]
+        row["healthy_false_alarm"] = float((z[healthy_pixels] >= tau).mean()) if healthy_pixels.any() else None
+        scorer = GuidedScorer(network, run_config, "gating", source, guidance=guidance, name=label)
+        row["gating_val_auprc"] = evaluate_scorer(scorer, on_val, config.batch_size).metrics.get("pixel_auprc")
+        rows.append(row)
+        for kind in sorted(set(kinds) - {"healthy"}):
+            inside = brains & ((kinds == kind) | slice_healthy)[:, None, None, None]
+            rows.append({"estimator": label, "group": kind, "u_auroc": _safe(pixel_auroc, z[inside], lesions[inside]),
+                         "u_auprc": _safe(pixel_auprc, z[inside], lesions[inside])})
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["estimator", "group", "u_auroc", "u_auprc", "healthy_false_alarm",
+                                                "gating_val_auprc"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(quality_markdown(rows, tau, chosen)))
+    _panels(val, maps, lesions, kinds, Path(config.output_dir) / dataset.name / "figures" / "uncertainty_panels.png")
+    atomic_write(out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"threshold": tau, "seed": chosen["seed"], "run": str(run_dir), "specs": config.uncertainty_quality}, indent=2)))
+    return atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def quality_markdown(rows: list[dict[str, Any]], tau: float, chosen: dict[str, Any]) -> str:
+    def cell(value: Any) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    kinds = list(dict.fromkeys(r["group"] for r in rows if r["group"] != "overall"))
+    header = ["estimator (healthy-normalised)", "u AUROC", "u AUPRC", f"healthy false alarms (z ≥ {tau:g})",
+              "gating val AUPRC"] + [f"u AUROC / AUPRC: {k}" for k in kinds]
+    lines = [f"Val split of seed {chosen['seed']} (normalisers fitted on the calibration subjects; metrics on the "
+             "other val subjects; per kind: that kind's lesion subjects with the healthy ones)\n",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r in rows:
+        if r["group"] != "overall":
+            continue
+        per_kind = {x["group"]: x for x in rows if x["estimator"] == r["estimator"] and x["group"] != "overall"}
+        cells = [r["estimator"], cell(r["u_auroc"]), cell(r["u_auprc"]), cell(r["healthy_false_alarm"]),
+                 cell(r["gating_val_auprc"])]
+        cells += [f"{cell(per_kind[k]['u_auroc'])} / {cell(per_kind[k]['u_auprc'])}" if k in per_kind else "—"
+                  for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _panels(val, maps: dict[str, np.ndarray], lesions: np.ndarray, kinds: np.ndarray, path: Path) -> Path:
+    counts = lesions.reshape(len(lesions), -1).sum(1)
+    picks = []
+    for kind in sorted(set(kinds) - {"healthy"}):
+        candidates = np.flatnonzero((kinds == kind) & (counts > 0))
+        if candidates.size:
+            picks.append(int(candidates[np.argmax(counts[candidates])]))
+    columns = ["input x"] + list(maps)
+    fig, axes = plt.subplots(len(picks), len(columns), figsize=(1.9 * len(columns), 1.9 * len(picks)), squeeze=False)
+    for r, index in enumerate(picks):
+        outline = lesions[index, 0].T
+        for c, name in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.imshow(val.images[index, 0].numpy().T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                ax.set_ylabel(str(kinds[index]), fontsize=8)
+            else:
+                ax.imshow(maps[name][index, 0].T, cmap="magma", vmin=0, vmax=1, origin="lower")
+            ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.6, origin="lower")
+            if r == 0:
+                ax.set_title(name, fontsize=6)
+    fig.suptitle("u (healthy-normalised, squashed z) of every estimator; cyan: lesion outline (val slices)", fontsize=8)
+    return save_figure(fig, path, dpi=90)
