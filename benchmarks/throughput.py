@@ -46,7 +46,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomorph.config import config_to_dict, load_config
-from anomorph.training import losses as loss_module
+from anomorph import losses as loss_module
 from anomorph.training.module import AnomalyModule, is_deformable
 
 SCHEMA = "anomorph.throughput/1"

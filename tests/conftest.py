@@ -86,3 +86,11 @@ def tiny_run_config(manifest: Path, model: str = "morphaeus", **train):
         overrides.append("model.head_channels=[8,16]")
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(None, overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated_run(tiny_phantom, tmp_path_factory) -> Path:
+    """A tiny deformable run trained on ``tiny_phantom``; ``fit`` calibrates it (val rows exist)."""
+    from anomorph.training import fit
+
+    return fit(tiny_run_config(tiny_phantom, max_epochs=2), run_dir=tmp_path_factory.mktemp("calibrated_run"))

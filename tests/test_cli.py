@@ -9,7 +9,7 @@ import pytest
 import anomorph
 from anomorph.cli.main import build_parser, main
 
-SUBCOMMANDS = [["phantom"], ["data", "check"], ["fit"], ["evaluate"], ["predict"], ["benchmark"], ["demo"]]
+SUBCOMMANDS = [["phantom"], ["data", "check"], ["fit"], ["evaluate"], ["predict"], ["calibrate"], ["benchmark"], ["demo"]]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c))
@@ -39,6 +39,6 @@ def test_bad_manifest_exits_2_with_row_and_file(tmp_path):
 
 def test_every_readme_python_name_exists():
     for name in ["build_phantom", "check_manifest", "fit", "load_config", "evaluate", "predict_files",
-                 "ModelScorer", "run_benchmark", "load_benchmark_config", "run_demo", "PhantomConfig"]:
+                 "ModelScorer", "Detector", "calibrate", "run_benchmark", "load_benchmark_config", "run_demo", "PhantomConfig"]:
         assert callable(getattr(anomorph, name)), name
     assert {action.dest for action in build_parser()._subparsers._group_actions}  # parser builds

@@ -6,9 +6,9 @@ import torch
 
 from anomorph.config import load_config
 from anomorph.guidance import dilate_mask, log_jacobian_anchor, ramp_mask, synthetic_anomaly_masks
-from anomorph.guidance.scorer import STRATEGIES, GuidanceSignal, GuidedScorer
+from anomorph.scoring.strategies import STRATEGIES, GuidanceSignal, GuidedScorer
 from anomorph.networks import build_network
-from anomorph.training import losses
+from anomorph import losses
 
 
 def _config(strategy: str = "gating", **guidance):
@@ -270,7 +270,7 @@ def test_iterative_with_one_round_registers_once():
 def test_guided_model_on_healthy_slices_is_close_to_unguided(tiny_phantom):
     """u normalised on healthy val slices stays low on healthy slices, so m ≈ 0 there."""
     from anomorph.data import SliceConfig, SliceDataset
-    from anomorph.guidance.sources import uncertainty_source
+    from anomorph.scoring.sources import uncertainty_source
 
     net = _network()
     healthy = SliceDataset(tiny_phantom, ["train"], SliceConfig(size=32, min_brain_fraction=0.0), healthy_only=True)

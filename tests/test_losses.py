@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss, SSIMLoss
 
-from anomorph.training.losses import (
+from anomorph.losses import (
     beta_schedule,
     bending_energy,
     gaussian_nll,
@@ -187,7 +187,7 @@ def test_beta_schedule_values():
 
 
 def test_masked_local_ncc_excludes_masked_pixels_from_every_window():
-    from anomorph.training.losses import local_ncc_map, masked_local_ncc_loss, masked_local_ncc_map
+    from anomorph.losses import local_ncc_map, masked_local_ncc_loss, masked_local_ncc_map
 
     g = torch.Generator().manual_seed(4)
     x, y = torch.rand(2, 1, 24, 24, generator=g), torch.rand(2, 1, 24, 24, generator=g)

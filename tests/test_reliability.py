@@ -213,11 +213,13 @@ def _scan(path: Path, seed: int = 0) -> Path:
 @pytest.fixture
 def threshold_scorer(monkeypatch):
     """predict through the CLI with a training-free scorer (no run directory needed)."""
-    from anomorph.evaluation.inference import ModelScorer, ThresholdScorer
+    from anomorph.evaluation.inference import ThresholdScorer
+    from anomorph.scoring import Detector
 
     scorer = ThresholdScorer(size=32)
     scorer.config = type("C", (), {"data": type("D", (), {"axis": -1, "percentiles": [1.0, 99.0]})()})()
-    monkeypatch.setattr(ModelScorer, "from_run", classmethod(lambda cls, run, which="best": scorer))
+    scorer.calibration, scorer.strategy = None, "none"
+    monkeypatch.setattr(Detector, "from_run", classmethod(lambda cls, run, **options: scorer))
     return scorer
 
 

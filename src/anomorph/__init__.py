@@ -8,7 +8,8 @@ The public Python API mirrors the CLI one-to-one (heavy modules load on first us
     anomorph.check_manifest(manifest)                                  # anomorph data check
     run = anomorph.fit(anomorph.load_config("configs/morphaeus.yaml")) # anomorph fit
     anomorph.evaluate(runs=[run], manifest=manifest)                   # anomorph evaluate
-    anomorph.predict_files(anomorph.ModelScorer.from_run(run), ["scan.nii.gz"], "pred")
+    anomorph.calibrate(run)                                            # anomorph calibrate
+    anomorph.predict_files(anomorph.Detector.from_run(run), ["scan.nii.gz"], "pred")  # anomorph predict
     anomorph.run_benchmark(anomorph.load_benchmark_config("benchmarks/phantom.yaml"))
     anomorph.run_demo("runs/demo")                                     # anomorph demo
 """
@@ -32,7 +33,9 @@ _LAZY = {
     "ModelScorer": "anomorph.evaluation.inference",
     "ThresholdScorer": "anomorph.evaluation.inference",
     "predict_files": "anomorph.evaluation.predict",
-    "GuidedScorer": "anomorph.guidance.scorer",
+    "GuidedScorer": "anomorph.scoring.strategies",
+    "Detector": "anomorph.scoring.detector",
+    "calibrate": "anomorph.evaluation.calibrate",
     "run_benchmark": "anomorph.benchmark.runner",
     "load_benchmark_config": "anomorph.benchmark.runner",
     "run_demo": "anomorph.benchmark.demo",

@@ -93,7 +93,7 @@ class GuidanceConfig:
     """Uncertainty-guided regularisation of the deformation (deformable models only; SPEC §3).
 
     strategy: "none", "gating", "conditioned", "map", "cost_masking", "tto" or "iterative" (used
-        at inference; see :mod:`anomorph.guidance.scorer`; "conditioned" also changes training:
+        at inference; see :mod:`anomorph.scoring.strategies`; "conditioned" also changes training:
         the head reads m, see below).
     estimator: uncertainty estimator giving u (see docs/uncertainty.md).
     normalise: z-score u against the estimator's statistics on healthy val slices; the mask is

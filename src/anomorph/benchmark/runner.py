@@ -198,30 +198,20 @@ def train_method(config_path: str, overrides: list[str], run_dir: Path) -> Path:
 
 def guided_scorers(method: MethodSpec, run_dir: Path, data, seed: int,
                    guidance_values: dict[str, Any] | None = None) -> list:
-    """The guided scorer (and its oracle-guided twin when the strategy has one) of ``method``
-    on a trained run; u is calibrated on ``data.healthy_reference()`` (the calibration subjects).
-    ``guidance_values`` override the method's ``guidance`` (the val-chosen values); the key
-    ``estimator`` overrides the method's estimator."""
-    from ..guidance.scorer import STRATEGIES, GuidedScorer
-    from ..guidance.sources import residual_normaliser, uncertainty_source
-    from ..training import load_run
+    """The guided detector (and its oracle-guided twin when the strategy has one) of ``method``
+    on a trained run: :meth:`Detector.from_run <anomorph.scoring.Detector.from_run>` with u
+    calibrated on ``data.healthy_reference()`` (the calibration subjects, never the saved
+    calibration files). ``guidance_values`` override the method's ``guidance`` (the val-chosen
+    values); the key ``estimator`` overrides the method's estimator."""
+    from ..scoring import STRATEGIES, Detector
 
-    network, config = load_run(run_dir)
     values = {**method.guidance, **(guidance_values or {})}
     estimator = values.pop("estimator", method.estimator)
-    guidance = dataclasses.replace(config.guidance, **values)
-    images, brains = data.healthy_reference()
-    strategy = STRATEGIES[method.strategy]
-    source = None
-    if strategy.uses_mask:
-        source, _ = uncertainty_source(estimator, network, images, brains, guidance.normalise, seed,
-                                       guidance.normaliser_mode)
-    residual = residual_normaliser(network, images, brains) if method.strategy == "iterative" else None
-    scorers = [GuidedScorer(network, config, method.strategy, source, guidance=guidance, name=method.name,
-                            residual_normaliser=residual)]
-    if method.oracle_guided and strategy.oracle_twin:
-        scorers.append(GuidedScorer(network, config, method.strategy, oracle=True, guidance=guidance,
-                                    name=f"{method.name} (oracle-guided)"))
+    detector = Detector.from_run(run_dir, guidance={**values, "strategy": method.strategy}, estimator=estimator,
+                                 healthy=data.healthy_reference(), calibration=False, seed=seed, name=method.name)
+    scorers = [detector]
+    if method.oracle_guided and STRATEGIES[method.strategy].oracle_twin:
+        scorers.append(detector.oracle_twin(f"{method.name} (oracle-guided)"))
     return scorers
 
 
@@ -239,11 +229,10 @@ def load_seed_data(config: BenchmarkConfig, manifest: Path, runs: dict[str, Path
     calibration subjects set aside (``config.calibration_fraction``)."""
     from ..data.slices import SliceConfig
     from ..evaluation.evaluate import EvaluationData
-    from ..training import load_run
-    from ..training.datamodule import slice_config
+    from ..runs import load_run
 
     trained = [m for m in config.methods if m.name in runs]
-    slices = slice_config(load_run(runs[trained[0].name])[1].data) if trained else SliceConfig()
+    slices = SliceConfig.from_config(load_run(runs[trained[0].name])[1].data) if trained else SliceConfig()
     return EvaluationData.load(manifest, slices, config.calibration_fraction)
 
 
@@ -251,7 +240,8 @@ def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict
                   chosen: dict[str, Any] | None = None) -> list:
     """Every row's scorer for one seed, in the config's order (oracle twins after their method)."""
     from ..data.slices import SliceDataset
-    from ..evaluation.inference import ModelScorer, ThresholdScorer
+    from ..evaluation.inference import ThresholdScorer
+    from ..scoring import Detector
 
     chosen_guidance = (chosen or {}).get("guidance", {})
     scorers = []
@@ -262,8 +252,7 @@ def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict
             scorer.name = method.name
             scorers.append(scorer)
         elif method.kind == "train":
-            scorers.append(ModelScorer.from_run(runs[method.name]))
-            scorers[-1].name = method.name
+            scorers.append(Detector.from_run(runs[method.name], guidance="none", calibration=False, name=method.name))
         else:
             scorers.extend(guided_scorers(method, runs[method.name if method.config else method.run], data, seed,
                                           chosen_guidance.get(method.name)))

@@ -47,8 +47,8 @@ def _safe(function, scores, labels) -> float | None:
 
 def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     from ..evaluation.evaluate import EvaluationData, evaluate_scorer
-    from ..guidance.scorer import GuidedScorer
-    from ..guidance.sources import uncertainty_source
+    from ..scoring.strategies import GuidedScorer
+    from ..scoring.sources import uncertainty_source
     from ..training import load_run
     from ..training.datamodule import slice_config
     from .runner import _log, ensure_dataset

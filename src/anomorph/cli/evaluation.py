@@ -10,9 +10,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not args.run and not args.method:
         raise SystemExit("anomorph evaluate: give --run RUN_DIR (repeatable) and/or --method threshold")
-    from ..uncertainty.evaluation import parse_options
+    from ..evaluation.uncertainty import parse_options
 
-    out = evaluate(runs=args.run or [], manifest=args.data, out_dir=args.out,
+    out = evaluate(runs=args.run or [], manifest=args.data, out_dir=args.out, guidance=args.guidance,
                    methods=args.method or [], size=args.size, oracle=not args.no_oracle,
                    report=not args.no_report, batch_size=args.batch_size,
                    uncertainty=args.uncertainty or [], normalise=args.normalise,
@@ -32,21 +32,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..evaluation.inference import ModelScorer
     from ..evaluation.predict import predict_files
+    from ..scoring import Detector
 
-    scorer = ModelScorer.from_run(args.run, args.checkpoint)
+    detector = Detector.from_run(args.run, guidance=args.guidance, estimator=args.estimator, which=args.checkpoint)
+    if detector.calibration is None:
+        print(f"note: {args.run} has no calibration (run `anomorph calibrate --run {args.run}`): no lesion masks, "
+              f"no u for the unguided detector")
     skipped: list[str] = []
-    written = predict_files(scorer, args.inputs, args.out, axis=scorer.config.data.axis,
-                            percentiles=scorer.config.data.percentiles, overwrite=args.overwrite,
-                            skipped=skipped)
+    written = predict_files(detector, args.inputs, args.out, axis=detector.config.data.axis,
+                            percentiles=detector.config.data.percentiles, brain_masks=args.brain_mask,
+                            overwrite=args.overwrite, skipped=skipped)
     for source in skipped:
         print(f"{source}: skipped, its outputs are already in {args.out} (--overwrite recomputes them)")
+    print(f"detector: {detector.name} (guidance {detector.strategy}"
+          f"{'' if detector.calibration is None else ', calibration ' + detector.calibration.version})")
     for source, files in written.items():
         print(f"{source}:")
         for name, path in files.items():
-            print(f"  {name:<15} {path}")
+            print(f"  {name:<16} {path}")
     return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..evaluation.calibrate import calibrate
+    from ..evaluation.uncertainty import parse_options
+
+    from .main import UserError
+
+    options = parse_options(args.estimator_option or [])
+    if len(options) > 1 or (options and args.estimator and args.estimator not in options):
+        raise UserError(f"--estimator-option: options for {sorted(options)} but the calibrated estimator is "
+                        f"{args.estimator or 'the run default'}; give options for one estimator, with --estimator")
+    estimator = args.estimator or (next(iter(options)) if options else None)
+    result = calibrate(args.run, manifest=args.data, guidance=args.guidance, estimator=estimator,
+                       estimator_options=options.get(estimator) if estimator else None,
+                       which=args.checkpoint, calibration_fraction=args.calibration_fraction,
+                       batch_size=args.batch_size)
+    info = result.info
+    print(f"calibrated {args.run} (guidance {info['guidance']['strategy']}, estimator {info['estimator']['name']}, "
+          f"version {result.version})")
+    for entry in info["thresholds"]:
+        print(f"  {entry['fpr']:.0%} FPR: threshold {entry['threshold']:.4f} (realised {entry['realised_fpr']:.4f} "
+              f"on {entry['n_healthy_pixels']} healthy val pixels)")
+    if info.get("dice_threshold"):
+        print(f"  val max-Dice threshold: {info['dice_threshold']['threshold']:.4f}")
+    if info.get("note"):
+        print(f"  note: {info['note']}")
+    print(f"wrote {result.path}")
+    return 0
+
+
+def _guidance_option(parser: argparse.ArgumentParser, default_help: str) -> None:
+    from ..scoring import STRATEGIES
+
+    parser.add_argument("--guidance", choices=sorted(STRATEGIES), default=None, metavar="STRATEGY",
+                        help=f"guidance strategy ({', '.join(sorted(STRATEGIES))}); {default_help}")
+    parser.add_argument("--estimator", default=None, metavar="ESTIMATOR",
+                        help="uncertainty estimator giving u (default: the run's guidance.estimator)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,18 +121,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--uncertainty-option", action="append", metavar="ESTIMATOR.KEY=VALUE",
                    help="estimator option, e.g. mc_dropout.passes=8, tta.max_shift=1, "
                         "normalise.smooth=0 (repeatable)")
+    e.add_argument("--guidance", default=None, metavar="STRATEGY",
+                   help="score the runs with this guidance strategy (default: each run's calibrated setting)")
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "predict", help="anomaly maps for NIfTI/PNG/JPG files, on each input's own grid",
-        description="Writes NAME_anomaly, NAME_pseudo_healthy, NAME_warped, NAME_brain_mask "
-                    "(NIfTI for NIfTI inputs, PNG for PNG/JPG inputs) and NAME_preview.png into --out, "
-                    "NAME = the input's file name without its suffix. Two inputs with the same NAME are "
-                    "refused; existing outputs are never replaced without --overwrite, and an input whose "
-                    "outputs all exist is skipped (rerunning an interrupted predict completes the rest).")
+        description="Writes, per input NAME, on its own grid: NAME_anomaly, NAME_pseudo_healthy, NAME_warped, "
+                    "NAME_brain_mask, NAME_displacement (mm vectors), NAME_log_jacobian, NAME_uncertainty, "
+                    "NAME_guidance_mask, NAME_lesions_fprNN (calibrated thresholds), NAME_summary.json and "
+                    "NAME_preview.png into --out (see docs/inference.md); NAME = the input's file name without "
+                    "its suffix. Two inputs with the same NAME are refused; existing outputs are never replaced "
+                    "without --overwrite, and an input whose outputs all exist is skipped (rerunning an "
+                    "interrupted predict completes the rest).")
     p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR")
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--brain-mask", type=Path, action="append", default=None, metavar="MASK",
+                   help="brain mask on the input's grid (> 0 = brain), one per input in order (default: derived)")
+    _guidance_option(p, "default: the run's calibrated setting")
     p.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser(
+        "calibrate", help="fit and save what inference needs (healthy normaliser, FPR thresholds) in a run",
+        description="Fits the healthy normaliser of the estimator on healthy val calibration subjects and the "
+                    "anomaly thresholds at 1/2/5%% healthy FPR on the other val subjects; writes "
+                    "RUN_DIR/calibration/ (JSON + NPZ). Also run at the end of `anomorph fit`.")
+    c.add_argument("--run", type=Path, required=True, metavar="RUN_DIR")
+    c.add_argument("--data", type=Path, default=None, metavar="MANIFEST",
+                   help="manifest whose val split calibrates (default: the run's data.manifest)")
+    c.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    c.add_argument("--calibration-fraction", type=float, default=0.5,
+                   help="share of healthy val subjects that fit the normaliser (the rest set thresholds)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--estimator-option", action="append", metavar="ESTIMATOR.KEY=VALUE",
+                   help="estimator option, e.g. mc_dropout.passes=8 (repeatable)")
+    _guidance_option(c, "default: the run's guidance.strategy")
+    c.set_defaults(func=cmd_calibrate)

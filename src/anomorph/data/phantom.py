@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .io import atomic_write
 from .manifest import write_manifest
 

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Sequence
 from ..data.slices import SliceConfig, SliceDataset
 from ..errors import ConfigError
 from .evaluate import EvaluationData, MethodResult, evaluate_methods, format_table, write_results
-from .inference import ModelScorer, Scorer, ThresholdScorer
+from ..scoring import Detector
+from .inference import Scorer, ThresholdScorer
 
 
 @dataclass
@@ -31,7 +32,7 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
              scorers: Sequence[Scorer] = (), uncertainty: Sequence[str] = (), normalise: bool = True,
              normalise_mode: str = "pixel",
              uncertainty_options: Mapping[str, Mapping[str, Any]] | None = None,
-             uncertainty_cost_repeats: int = 3) -> EvaluationOutput:
+             uncertainty_cost_repeats: int = 3, guidance: str | Mapping[str, Any] | None = None) -> EvaluationOutput:
     """Evaluate trained runs (``runs``), baselines (``methods``: "threshold",
     "threshold-intensity") and already-built ``scorers`` on ``manifest``.
 
@@ -48,6 +49,10 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
     pass; the run's own row (and its report panels) use the first estimator's u.
     ``uncertainty_options``: ``{estimator: {option: value}}``, plus ``{"normalise": {...}}``
     for ``HealthyNormaliser.fit`` options.
+
+    Runs are loaded with :meth:`Detector.from_run <anomorph.scoring.Detector.from_run>`:
+    ``guidance`` None scores each run with its calibrated guidance setting (a guided setting
+    needs ``anomorph calibrate``), a strategy name or GuidanceConfig overrides with that.
     """
     if uncertainty and not runs:
         raise ConfigError("uncertainty estimators need trained runs (--run RUN_DIR)")
@@ -55,7 +60,12 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
         raise ConfigError(f"--batch-size {batch_size!r}: must be an integer >= 1")
     if size is not None and size < 8:
         raise ConfigError(f"--size {size!r}: the slice size must be an integer >= 8 pixels")
-    model_scorers: list[Scorer] = [ModelScorer.from_run(r) for r in runs]
+    model_scorers: list[Scorer] = []
+    for run in runs:
+        detector = Detector.from_run(run, guidance=guidance)
+        if detector.strategy == "none":
+            detector.estimator = None  # u only on request (--uncertainty), as before
+        model_scorers.append(detector)
     all_scorers = list(scorers) + model_scorers
     sizes = {s.size for s in all_scorers}
     if len(sizes) > 1:
@@ -98,7 +108,7 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
     extra: dict[str, Any] = {"context": context}
     uncertainty_table = ""
     if uncertainty_section:
-        from ..uncertainty.evaluation import format_uncertainty_table
+        from .uncertainty import format_uncertainty_table
 
         extra["uncertainty"] = uncertainty_section
         uncertainty_table = format_uncertainty_table(uncertainty_section)
@@ -129,7 +139,7 @@ def _prepare_uncertainty(model_scorers: Sequence[Scorer], runs: Sequence[str | P
     """Per model scorer (by position): [(estimator or fitted normaliser, note)], first one attached
     to the scorer so its row and report panels carry u."""
     from ..uncertainty import ESTIMATORS
-    from ..uncertainty.evaluation import build_for_run, fit_normaliser
+    from .uncertainty import build_for_run, fit_normaliser
 
     unknown = sorted(set(names) - set(ESTIMATORS))
     if unknown:
@@ -161,10 +171,10 @@ def _prepare_uncertainty(model_scorers: Sequence[Scorer], runs: Sequence[str | P
 def _uncertainty_section(model_scorers: Sequence[Scorer], prepared: Mapping[int, list[tuple[Any, str | None]]],
                          results: Sequence[MethodResult], data: EvaluationData,
                          batch_size: int, cost_repeats: int = 3) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{run name: {estimator: summary}}`` (see :func:`anomorph.uncertainty.evaluation.uncertainty_summary`)."""
+    """``{run name: {estimator: summary}}`` (see :func:`anomorph.evaluation.uncertainty.uncertainty_summary`)."""
     if not prepared:
         return {}
-    from ..uncertainty.evaluation import uncertainty_summary
+    from .uncertainty import uncertainty_summary
 
     by_name = {r.name: r for r in results}
     section: dict[str, dict[str, dict[str, Any]]] = {}

@@ -13,7 +13,7 @@ def ramp_mask(score: torch.Tensor, threshold: float = 3.0, softness: float = 1.0
     m = clamp((score − (threshold − softness)) / softness, 0, 1): 0 where score ≤ threshold −
     softness, 1 where score ≥ threshold, linear in between; ``softness`` = 0 gives the hard
     step (score ≥ threshold). With the healthy z-score as the score (the default guidance
-    signal, see :func:`anomorph.guidance.sources.uncertainty_source`) threshold 3 and softness 1
+    signal, see :func:`anomorph.scoring.sources.uncertainty_source`) threshold 3 and softness 1
     read "hold the field fully where the tissue is ≥ 3 healthy standard deviations away from
     normal, not at all below 2". Scores of +inf (u = 1) give m = 1; NaN gives 0.
     """

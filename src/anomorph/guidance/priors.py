@@ -1,5 +1,5 @@
 """Local anchor of the spatially weighted prior (SPEC §3). The weighted smoothness term
-λ(x)·‖∇v‖² is ``training.losses.velocity_smoothness(v, weight=λ)``."""
+λ(x)·‖∇v‖² is ``anomorph.losses.velocity_smoothness(v, weight=λ)``."""
 from __future__ import annotations
 
 import torch

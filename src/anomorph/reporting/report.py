@@ -25,6 +25,10 @@ import numpy as np
 from ..data.io import atomic_write
 from .figures import plt, save_figure
 
+# lesion-size bins in table order; equal to anomorph.evaluation.metrics.SIZE_BINS (reporting sits
+# below evaluation in the package layers, so it does not import it; tests/test_imports.py checks)
+SIZE_BINS = ("small", "medium", "large")
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..evaluation.evaluate import Example, MethodResult
 
@@ -469,7 +473,6 @@ def write_report(results: Sequence["MethodResult"], out_dir: Path, title: str = 
     ``results`` are :class:`~anomorph.evaluation.evaluate.MethodResult` s (same example slices in
     each); ``context`` is shown as a key → value table under the title. Returns the HTML path.
     """
-    from ..evaluation.metrics import SIZE_BINS
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"

@@ -11,13 +11,7 @@ from ..data import SliceConfig, SliceDataset, collate_slices, read_manifest
 
 def slice_config(data: DataConfig) -> SliceConfig:
     """The :class:`SliceConfig` described by a run's data section."""
-    return SliceConfig(
-        axis=data.axis,
-        slice_range=tuple(data.slice_range) if data.slice_range else None,
-        size=data.size,
-        percentiles=tuple(data.percentiles),
-        min_brain_fraction=data.min_brain_fraction,
-    )
+    return SliceConfig.from_config(data)
 
 
 class EpochSeededSampler(Sampler[int]):

@@ -9,6 +9,8 @@ Run directory layout::
     RUN_DIR/logs/tensorboard/sessionN/      TensorBoard events
     RUN_DIR/figures/val_epochNNN.png  reconstructions per validation epoch
     RUN_DIR/.anomorph.lock         flock held by the fit writing this directory (its PID inside)
+    RUN_DIR/calibration/           healthy normaliser + FPR thresholds (``anomorph calibrate``; run at
+                                   the end of ``fit`` when the manifest has val rows)
 
 A deep ensemble (``anomorph fit --ensemble K``, :func:`fit_ensemble`) is a directory of K such
 run directories with seeds ``seed + k``, plus ``ensemble.yaml`` listing them::
@@ -40,7 +42,9 @@ from ..data.io import _UMASK, atomic_write
 from ..errors import AnomorphError, CheckpointError
 from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
 from .datamodule import SliceDataModule
-from .module import AnomalyModule, network_options
+from .module import AnomalyModule
+from ..runs import (ENSEMBLE_FILE, ensemble_members, is_ensemble, load_checkpoint, load_ensemble,  # noqa: F401
+                    load_run, resolve_run_dir)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -299,10 +303,30 @@ def _fit_locked(config: RunConfig, module: AnomalyModule, trainer: L.Trainer, ru
                                   f"checkpoints in {checkpoint_dir} are intact (resume with --resume "
                                   f"{run_dir})") from err
         raise
+    if trainer.is_global_zero:
+        _calibrate_after_fit(run_dir, config)
     return run_dir
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _calibrate_after_fit(run_dir: Path, config: RunConfig) -> None:
+    """``anomorph calibrate`` on the finished run when its manifest has val rows (a failure is
+    reported, not raised: the trained run stays usable; calibrate it again by hand)."""
+    import sys
+
+    from ..data.manifest import read_manifest
+    from ..errors import AnomorphError
+    from ..evaluation.calibrate import calibrate
+
+    try:
+        if not any(r.split == "val" for r in read_manifest(config.data.manifest)):
+            return
+        calibrate(run_dir)
+    except AnomorphError as err:
+        print(f"anomorph: warning: calibration after training skipped ({err}); run `anomorph calibrate "
+              f"--run {run_dir}`", file=sys.stderr)
 
 
 def read_training_log(run_dir: str | Path) -> list[dict[str, str]]:
@@ -317,82 +341,6 @@ def read_training_log(run_dir: str | Path) -> list[dict[str, str]]:
             with path.open(newline="") as handle:
                 rows.extend(csv.DictReader(handle))
     return rows
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for code payloads, RuntimeError for corrupt zips
-        raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
-
-
-def load_run(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module, RunConfig]:
-    """Load a trained network (eval mode, CPU) and its config from a run directory.
-
-    ``which`` is "best" or "last" (falls back to "last" when no best checkpoint exists).
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "checkpoints" / f"{which}.ckpt"
-    if not path.is_file() and which == "best":
-        path = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = load_checkpoint(path)
-    try:
-        config_dict = checkpoint["hyper_parameters"]["config"]
-        state = checkpoint["state_dict"]
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: not an anomorph checkpoint (no hyper_parameters.config/state_dict)") from err
-    config = config_from_dict(config_dict)
-    from ..networks import build_network
-
-    network = build_network(network_options(config))
-    prefix = "network."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the {config.model.name!r} network of its config: "
-                              f"{str(err).splitlines()[0]} ...") from err
-    network.eval()
-    return network, config
-
-
-ENSEMBLE_FILE = "ensemble.yaml"
-
-
-def is_ensemble(run_dir: str | Path) -> bool:
-    """True when ``run_dir`` is an ensemble directory (holds ``ensemble.yaml``)."""
-    return (Path(run_dir) / ENSEMBLE_FILE).is_file()
-
-
-def ensemble_members(run_dir: str | Path) -> list[Path]:
-    """The member run directories listed in ``RUN_DIR/ensemble.yaml``, in order."""
-    path = Path(run_dir) / ENSEMBLE_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not an ensemble run directory (no {ENSEMBLE_FILE}); "
-                          f"train one with `anomorph fit --ensemble K`")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        members = [Path(run_dir) / str(m) for m in data["members"]]
-    except (yaml.YAMLError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path}: unreadable ensemble file ({err})") from err
-    if not members:
-        raise ConfigError(f"{path}: lists no members")
-    return members
-
-
-def load_ensemble(run_dir: str | Path, which: str = "best") -> list[tuple[torch.nn.Module, RunConfig]]:
-    """Load every member of an ensemble directory (eval mode, CPU) with its config."""
-    return [load_run(member, which) for member in ensemble_members(run_dir)]
-
-
-def resolve_run_dir(run_dir: str | Path) -> Path:
-    """The run directory to load a single model from: member 0 of an ensemble, else ``run_dir``."""
-    return ensemble_members(run_dir)[0] if is_ensemble(run_dir) else Path(run_dir)
 
 
 def fit_ensemble(config: RunConfig | None, k: int, run_dir: str | Path | None = None, resume: bool = False,

@@ -14,17 +14,8 @@ from ..errors import NonFiniteLossError
 from ..guidance.masks import paste_intensity, synthetic_anomaly_masks
 from ..guidance.priors import log_jacobian_anchor
 from ..networks import ModelOutput, build_network
-from . import losses
-
-
-def network_options(config: RunConfig) -> dict[str, Any]:
-    """The :func:`build_network` arguments of a run: model options plus the data's image size."""
-    options = {"name": config.model.name, **config.model.options}
-    options.setdefault("image_size", config.data.size)
-    options.setdefault("in_channels", 1)
-    if config.guidance.strategy == "conditioned":
-        options.setdefault("guidance_channels", 1)
-    return options
+from .. import losses
+from ..runs import network_options  # noqa: F401  (re-exported)
 
 
 def is_deformable(config: RunConfig) -> bool:

@@ -299,7 +299,7 @@ class EnsembleEstimator(UncertaintyEstimator):
     @property
     def members(self) -> list[nn.Module]:
         if self._members is None:
-            from ..training.fit import load_ensemble
+            from ..runs import load_ensemble
 
             self._members = [network for network, _ in load_ensemble(self.run_dir, self.which)]
         return self._members

@@ -14,10 +14,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .base import UncertaintyEstimator
-from .estimators import build_estimator
-from .metrics import edge_mass_terms, relative_cost
-from .normalise import HealthyNormaliser
+from ..uncertainty.base import UncertaintyEstimator
+from ..uncertainty.estimators import build_estimator
+from ..uncertainty.metrics import edge_mass_terms, relative_cost
+from ..uncertainty.normalise import HealthyNormaliser
 
 EDGE_QUANTILE = 0.9
 
@@ -25,17 +25,9 @@ EDGE_QUANTILE = 0.9
 def build_for_run(name: str, run_dir: str | Path | None, options: Mapping[str, Any] | None = None
                   ) -> UncertaintyEstimator:
     """``build_estimator(name, **options)``; the ``ensemble`` estimator gets ``run_dir``."""
-    options = dict(options or {})
-    if name == "ensemble" and "members" not in options:
-        from ..errors import ConfigError
-        from ..training.fit import is_ensemble
+    from ..scoring.sources import build_estimator_for_run
 
-        run = options.get("run_dir", run_dir)
-        if run is None or not is_ensemble(run):
-            raise ConfigError(f"--uncertainty ensemble needs an ensemble run directory (trained with "
-                              f"`anomorph fit --ensemble K`); {run} has no ensemble.yaml")
-        options["run_dir"] = run
-    return build_estimator(name, **options)
+    return build_estimator_for_run(name, run_dir, options)
 
 
 def fit_normaliser(estimator: UncertaintyEstimator, network: nn.Module, data: Any, mode: str = "pixel",
@@ -71,7 +63,7 @@ def uncertainty_summary(estimator: UncertaintyEstimator | HealthyNormaliser, net
     ``uncertainty_auroc`` / ``uncertainty_auprc`` are reused, and only the healthy test slices are
     run again for the edge statistics); None runs the estimator over every test slice.
     """
-    from ..evaluation.metrics import MetricAccumulator
+    from .metrics import MetricAccumulator
 
     test = data.test
     device = torch.device(device)

@@ -29,10 +29,10 @@ from typing import Callable, ClassVar
 import torch
 
 from ..config import GuidanceConfig, RunConfig
-from ..evaluation.inference import Prediction, Scorer
+from .base import Prediction, Scorer
 from ..networks import ModelOutput, jacobian_determinant
-from ..training import losses
-from .masks import dilate_mask, ramp_mask
+from .. import losses
+from ..guidance.masks import dilate_mask, ramp_mask
 
 
 @dataclass
@@ -102,7 +102,7 @@ class TestTimeRegistration(Strategy):
         similarity + map_lambda·‖∇v‖² + anchor·map_anchor·mean(m‖d‖²)
 
     where the similarity is the masked local NCC (window statistics and average over 1 − m,
-    :func:`anomorph.training.losses.masked_local_ncc_loss`) when ``mask_similarity``, else the
+    :func:`anomorph.losses.masked_local_ncc_loss`) when ``mask_similarity``, else the
     plain local NCC."""
 
     mask_similarity: ClassVar[bool] = True
