@@ -135,3 +135,10 @@ def test_loading_a_run_for_inference_imports_no_training(tiny_calibrated_run):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "LOADED" in result.stdout
+
+
+def test_config_knows_every_network_name():
+    from anomorph.config import MODEL_NAMES
+    from anomorph.networks.factory import NETWORKS
+
+    assert set(MODEL_NAMES) == set(NETWORKS)

@@ -373,9 +373,6 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
         if plan[path] is None:
             continue
         volume, geometry = load_image(path, "input")
-        if float(volume.min()) == float(volume.max()):
-            raise DataError(f"input {path}: every voxel is {float(volume.min()):g} (a blank or constant image "
-                            f"cannot be normalised or scored)")
         brain = None
         if m is not None:
             brain, _ = load_image(Path(m), f"brain mask of {path}")
@@ -384,6 +381,10 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
             if not (brain > 0).any():
                 raise DataError(f"brain mask {m}: empty (no voxel > 0)")
         loaded.append((path, volume, geometry, brain))
+    for path, volume, _, _ in loaded:  # every file loaded first: an unreadable one is named before this
+        if float(volume.min()) == float(volume.max()):
+            raise DataError(f"input {path}: every voxel is {float(volume.min()):g} (a blank or constant image "
+                            f"cannot be normalised or scored)")
     if skipped is not None:
         skipped.extend(str(path) for path in paths if plan[path] is None)
     out_dir.mkdir(parents=True, exist_ok=True)
