@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from ..data.slices import SliceConfig, SliceDataset
 from ..errors import ConfigError
+from ..runtime import configure_threads
 from .evaluate import EvaluationData, MethodResult, evaluate_methods, format_table, write_results
 from .inference import ModelScorer, Scorer, ThresholdScorer
 
@@ -49,6 +50,7 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
     ``uncertainty_options``: ``{estimator: {option: value}}``, plus ``{"normalise": {...}}``
     for ``HealthyNormaliser.fit`` options.
     """
+    configure_threads()
     if uncertainty and not runs:
         raise ConfigError("uncertainty estimators need trained runs (--run RUN_DIR)")
     model_scorers: list[Scorer] = [ModelScorer.from_run(r) for r in runs]

@@ -20,6 +20,7 @@ import torch
 from ..data.io import atomic_write, load_image, save_like
 from ..data.manifest import file_stem
 from ..data.slices import derive_brain_mask, normalisation_range, normalise, to_model_grid, to_source_grid
+from ..runtime import configure_threads
 from .inference import Scorer
 
 MAP_NAMES = ("anomaly", "pseudo_healthy", "warped", "brain_mask")
@@ -103,6 +104,7 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
                   percentiles: Sequence[float] = (1.0, 99.0)) -> dict[str, dict[str, Path]]:
     """Predict every input file; returns ``{input: {output name: path}}``. All inputs are
     loaded and checked before anything is written, so a bad file leaves no partial output."""
+    configure_threads()
     out_dir = Path(out_dir)
     loaded = [(Path(p), *load_image(Path(p), "input")) for p in inputs]
     out_dir.mkdir(parents=True, exist_ok=True)

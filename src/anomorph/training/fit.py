@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 import yaml
 
 from ..errors import CheckpointError
+from ..runtime import configure_threads
 from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
 from .datamodule import SliceDataModule
 from .module import AnomalyModule, network_options
@@ -56,6 +57,7 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
     with ``weights_only=True``, and the saved config is used). ``devices`` / ``strategy`` /
     ``accelerator`` override the config's Trainer settings (e.g. ``strategy="ddp", devices=2``).
     """
+    configure_threads()
     _quiet_lightning()
     run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
     last = run_dir / "checkpoints" / "last.ckpt"
