@@ -196,12 +196,16 @@ def test_fast_mc_dropout_runs_the_deterministic_part_once_per_image():
             seen.setdefault(name, []).append(inputs[0].shape[0])
         return hook
 
-    first_stage = net.decoder.stages[0]
+    from anomorph.uncertainty.estimators import folded_prior
+
+    fast = folded_prior(net.eval())  # the passes run on this BatchNorm-folded copy (cached)
+    first_stage = fast.decoder.stages[0]
+    assert isinstance(first_stage.up.norm, torch.nn.Identity)
     handles = [net.encoder.register_forward_hook(record("encoder")),
-               net.from_latent.register_forward_hook(record("from_latent")),
+               fast.from_latent.register_forward_hook(record("from_latent")),
                first_stage.up.conv.register_forward_hook(record("first_up_conv")),
                first_stage.up.act.register_forward_hook(record("first_up_act")),
-               net.decoder.output.register_forward_hook(record("output"))]
+               fast.decoder.output.register_forward_hook(record("output"))]
     try:
         build_estimator("mc_dropout", passes=8, max_batch=100)(net, x)
     finally:
@@ -209,6 +213,30 @@ def test_fast_mc_dropout_runs_the_deterministic_part_once_per_image():
             handle.remove()
     assert seen["encoder"] == [2] and seen["from_latent"] == [2] and seen["first_up_conv"] == [2]
     assert seen["first_up_act"] == [16] and seen["output"] == [16]
+
+
+def test_folded_copy_is_the_same_function_and_refreshes_after_training():
+    from anomorph.networks.blocks import fold_batch_norm
+    from anomorph.uncertainty.estimators import folded_prior
+
+    net = ae(dropout=0.2)
+    x = smooth_images(4, seed=7)
+    net.train()
+    with torch.no_grad():
+        net(x)                      # moves the BatchNorm running statistics away from 0 / 1
+    net.eval()
+    folded = fold_batch_norm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.decoder.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(x).reconstruction, net(x).reconstruction, atol=1e-6)
+    first = folded_prior(net)
+    assert folded_prior(net) is first            # cached while the weights stay
+    with torch.no_grad():
+        net.decoder.output.weight.mul_(0.5)      # an optimizer step changes them in place
+    second = folded_prior(net)
+    assert second is not first
+    with torch.no_grad():
+        assert torch.allclose(second(x).reconstruction, net(x).reconstruction, atol=1e-6)
 
 
 def test_decode_repeated_equals_decode_of_the_repeated_code():
