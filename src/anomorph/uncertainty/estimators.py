@@ -175,11 +175,10 @@ class SeededDropout:
             for n in self.passes:
                 generator = torch.Generator(device=x.device).manual_seed(child_seed(self.seed, index, n))
                 masks.append(torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) >= p)
-            # (passes, 1 or B, ...) 0/1 factors broadcast over the pass-major batch: no full-size mask
-            # is materialised; same values as x * mask / (1 - p) bit for bit (multiply, then divide)
-            keep = torch.stack(masks).to(x.dtype)
-            out = x.view(n_passes, per_pass, *x.shape[1:]) * keep
-            return out.div_(1.0 - p).view(x.shape)
+            # (passes, 1 or B, ...) factors 0 or 1/(1-p), broadcast over the pass-major batch: one
+            # elementwise pass, no full-size mask (equals x * mask / (1 - p) up to one rounding)
+            scale = torch.stack(masks).to(x.dtype).mul_(1.0 / (1.0 - p))
+            return (x.view(n_passes, per_pass, *x.shape[1:]) * scale).view(x.shape)
 
         return hook
 
