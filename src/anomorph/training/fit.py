@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -49,13 +49,15 @@ def _quiet_lightning() -> None:
 
 
 def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
-        devices: Any = None, strategy: str | None = None, accelerator: str | None = None) -> Path:
+        devices: Any = None, strategy: str | None = None, accelerator: str | None = None,
+        callbacks: Sequence[Any] = ()) -> Path:
     """Train ``config``; return the run directory.
 
     ``run_dir`` defaults to ``<output_dir>/<name>``. An existing run directory with checkpoints
     is only reused with ``resume=True`` (then training continues from ``last.ckpt``, loaded
     with ``weights_only=True``, and the saved config is used). ``devices`` / ``strategy`` /
     ``accelerator`` override the config's Trainer settings (e.g. ``strategy="ddp", devices=2``).
+    ``callbacks``: extra Lightning callbacks (e.g. timers, as ``benchmarks/end_to_end.py`` uses).
     """
     configure_threads()
     _quiet_lightning()
@@ -80,7 +82,7 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
     session = f"session{len(list((run_dir / 'logs' / 'csv').glob('session*')))}"
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss",
                                   mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks: list = [checkpoints]
+    callbacks = [checkpoints, *callbacks]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience))
     if t.progress_bar:
