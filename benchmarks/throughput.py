@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+# anomorph first, as `import anomorph` and the `anomorph` console script do for users: it sets
+# OMP_WAIT_POLICY=PASSIVE and the thread count before torch loads (anomorph.runtime).
+import anomorph  # noqa: F401,I001
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -658,6 +661,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-size", type=int, default=None, help="size to profile (default: largest)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps to profile (default: 3)")
     parser.add_argument("--no-uncertainty", action="store_true", help="skip the uncertainty estimator timings")
+    parser.add_argument("--uncertainty-only", action="store_true",
+                        help="only the uncertainty estimator timings (no training/inference figures)")
     parser.add_argument("--demo", type=Path, default=None, metavar="DIR",
                         help="also run `anomorph demo --out DIR` end to end and report its time per stage")
     parser.add_argument("--quick", action="store_true",
@@ -716,6 +721,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "sizes": list(args.sizes), "batch_size": args.batch_size, "models": list(args.models),
             "repeats": args.repeats, "warmup": args.warmup, "quick": bool(args.quick),
+            "uncertainty_only": bool(args.uncertainty_only),
         },
         "load_average": {"start": load_average()},
     }
@@ -725,7 +731,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     all_rates = list(start_rates)
     for model in args.models:
         entry: dict[str, Any] = {"sizes": {}}
-        for size in args.sizes:
+        for size in ([] if args.uncertainty_only else args.sizes):
             workload = Workload(model, size, args.batch_size, device)
             entry["parameters"] = workload.parameters
             figures = benchmark_workload(workload, probe, args.repeats, args.warmup)

@@ -124,6 +124,145 @@ def test_batched_mc_dropout_equals_a_loop_of_single_passes_with_the_same_masks()
     assert torch.allclose(batched.raw, batched.extras["displacement_variance"].sqrt())
 
 
+def _reference_mc_samples(net, x, seed, passes, p=None):
+    """The definition of the seeded MC-dropout distribution, written independently of the fast
+    path: N full forward passes of the prior on the B images, each dropout layer l of pass n
+    multiplying by a (1, *shape) mask drawn from child_seed(seed, l, n), divided by 1 - p."""
+    from anomorph.uncertainty.estimators import child_seed, dropout_layers
+
+    prior = net.prior if hasattr(net, "prior") else net
+    layers = dropout_layers(net)
+    current = {"n": 0}
+
+    def hook_for(index):
+        def hook(module, inputs, output):
+            q = module.p if p is None else p
+            if q == 0:
+                return inputs[0]
+            generator = torch.Generator().manual_seed(child_seed(seed, index, current["n"]))
+            mask = torch.rand((1, *inputs[0].shape[1:]), generator=generator) >= q
+            return inputs[0] * mask.to(inputs[0].dtype) / (1.0 - q)
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    samples = []
+    try:
+        net.eval()
+        with torch.no_grad():
+            for n in range(passes):
+                current["n"] = n
+                samples.append(prior(x).reconstruction)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(samples)
+
+
+@pytest.mark.parametrize("builder", [ae, morphaeus])
+def test_fast_mc_dropout_matches_the_naive_n_pass_loop(builder):
+    net = builder(dropout=0.2)
+    x = smooth_images(3, seed=4)
+    passes = 6
+    seed = draw_seed(torch.Generator().manual_seed(11))
+    reference = _reference_mc_samples(net, x, seed, passes)
+    for max_batch in (None, 3, 6, 100):  # auto, one pass per forward, two passes, all at once
+        out = build_estimator("mc_dropout", passes=passes, max_batch=max_batch)(
+            net, x, generator=torch.Generator().manual_seed(11))
+        assert torch.allclose(out.extras["mean"], reference.mean(0), atol=1e-6), max_batch
+        assert torch.allclose(out.extras["variance"], reference.var(0, unbiased=False), atol=1e-7), max_batch
+    assert reference.var(0).max() > 1e-6  # stochastic: the comparison is not trivially between zeros
+
+
+def test_fast_mc_dropout_with_p_zero_is_the_plain_prior():
+    net = ae(dropout=0.3)
+    x = smooth_images(2, seed=5)
+    with pytest.warns(UserWarning, match="dropout=0"):
+        out = build_estimator("mc_dropout", passes=4, dropout=0.0)(net, x)
+    with torch.no_grad():
+        plain = net.eval()(x).reconstruction
+    assert torch.allclose(out.extras["mean"], plain, atol=1e-6)
+    assert torch.count_nonzero(out.extras["variance"]) == 0
+
+
+def test_fast_mc_dropout_runs_the_deterministic_part_once_per_image():
+    """Encoder, from_latent and the first up-convolution see B images; the dropout-bearing layers
+    see every pass. (This is where the speed comes from; see benchmarks/README.md.)"""
+    net = ae(dropout=0.2)
+    x = smooth_images(2, seed=6)
+    seen: dict[str, list[int]] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, []).append(inputs[0].shape[0])
+        return hook
+
+    from anomorph.uncertainty.estimators import folded_prior
+
+    fast = folded_prior(net.eval())  # the passes run on this BatchNorm-folded copy (cached)
+    first_stage = fast.decoder.stages[0]
+    assert isinstance(first_stage.up.norm, torch.nn.Identity)
+    handles = [net.encoder.register_forward_hook(record("encoder")),
+               fast.from_latent.register_forward_hook(record("from_latent")),
+               first_stage.up.conv.register_forward_hook(record("first_up_conv")),
+               first_stage.up.act.register_forward_hook(record("first_up_act")),
+               fast.decoder.output.register_forward_hook(record("output"))]
+    try:
+        build_estimator("mc_dropout", passes=8, max_batch=100)(net, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["encoder"] == [2] and seen["from_latent"] == [2] and seen["first_up_conv"] == [2]
+    assert seen["first_up_act"] == [16] and seen["output"] == [16]
+
+
+def test_folded_copy_is_the_same_function_and_refreshes_after_training():
+    from anomorph.networks.blocks import fold_batch_norm
+    from anomorph.uncertainty.estimators import folded_prior
+
+    net = ae(dropout=0.2)
+    x = smooth_images(4, seed=7)
+    net.train()
+    with torch.no_grad():
+        net(x)                      # moves the BatchNorm running statistics away from 0 / 1
+    net.eval()
+    folded = fold_batch_norm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.decoder.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(x).reconstruction, net(x).reconstruction, atol=1e-6)
+    first = folded_prior(net)
+    assert folded_prior(net) is first            # cached while the weights stay
+    with torch.no_grad():
+        net.decoder.output.weight.mul_(0.5)      # an optimizer step changes them in place
+    second = folded_prior(net)
+    assert second is not first
+    with torch.no_grad():
+        assert torch.allclose(second(x).reconstruction, net(x).reconstruction, atol=1e-6)
+
+
+def test_decode_repeated_equals_decode_of_the_repeated_code():
+    for builder in (ae, morphaeus):
+        net = builder(dropout=0.2, heteroscedastic=True).eval()
+        prior = net.prior if hasattr(net, "prior") else net
+        z = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            fast = prior.decode_repeated(z, 4)
+            slow = prior.decode(z.repeat(4, 1))
+        assert torch.allclose(fast.image, slow.image, atol=1e-6)
+        assert torch.allclose(fast.log_variance, slow.log_variance, atol=1e-6)
+        assert len(fast.features) == len(slow.features)
+        for a, b in zip(fast.features, slow.features):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_auto_max_batch_keeps_cpu_forwards_cache_sized():
+    from anomorph.uncertainty.estimators import auto_max_batch
+
+    assert auto_max_batch(torch.zeros(16, 1, 128, 128)) == 16      # one pass of 16 per forward
+    assert auto_max_batch(torch.zeros(4, 1, 128, 128)) == 16       # 4 passes of 4
+    assert auto_max_batch(torch.zeros(16, 1, 64, 64)) == 64        # 4 passes of 16 at 64²
+    assert auto_max_batch(torch.zeros(64, 1, 128, 128)) == 64      # never less than one pass
+
+
 # ----------------------------------------------------------------------------- TTA
 def test_tta_round_trip_maps_a_known_pattern_back_exactly():
     pattern = smooth_images(2, seed=3)

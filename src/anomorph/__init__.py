@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import importlib
 
+# First, before anything imports torch: passive OpenMP waiting and a thread count that fits the
+# CPUs this process may use (anomorph.runtime; OpenMP reads its environment at `import torch`).
+from . import runtime as _runtime
+
+_runtime.prepare()
+
 __version__ = "0.1.0"
 
 from .config import RunConfig, load_config
@@ -39,6 +45,7 @@ _LAZY = {
     "run_benchmark": "anomorph.benchmark.runner",
     "load_benchmark_config": "anomorph.benchmark.runner",
     "run_demo": "anomorph.benchmark.demo",
+    "configure_threads": "anomorph.runtime",
 }
 
 

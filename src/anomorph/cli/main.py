@@ -220,6 +220,9 @@ def _extra_commands() -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..runtime import configure_threads
+
+    configure_threads(announce=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         return int(args.func(args) or 0)
     except (AnomorphError, UserError) as err:

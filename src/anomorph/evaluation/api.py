@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from ..data.slices import SliceConfig, SliceDataset
 from ..errors import ConfigError
+from ..runtime import configure_threads
 from .evaluate import EvaluationData, MethodResult, evaluate_methods, format_table, write_results
 from ..scoring import Detector
 from .inference import Scorer, ThresholdScorer
@@ -54,6 +55,7 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
     ``guidance`` None scores each run with its calibrated guidance setting (a guided setting
     needs ``anomorph calibrate``), a strategy name or GuidanceConfig overrides with that.
     """
+    configure_threads()
     if uncertainty and not runs:
         raise ConfigError("uncertainty estimators need trained runs (--run RUN_DIR)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -51,6 +51,7 @@ from ..data.io import ImageGeometry, atomic_write, is_nifti, load_image, save_li
 from ..data.manifest import file_stem
 from ..data.preprocess import Preprocessor, VolumeGeometry
 from ..errors import DataError
+from ..runtime import configure_threads
 from ..scoring.base import Scorer
 from .metrics import slice_scores
 
@@ -362,6 +363,7 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
     output name planned (see the module docstring), before anything is written, so a bad file
     leaves no partial output. Inputs whose outputs are complete are skipped unless
     ``overwrite``; their names are appended to ``skipped``."""
+    configure_threads()
     out_dir = Path(out_dir)
     paths = [Path(p) for p in inputs]
     masks = list(brain_masks) if brain_masks is not None else [None] * len(paths)

@@ -109,6 +109,55 @@ class Decoder(nn.Module):
             features.append(h)
         return self.output(h), features
 
+    def forward_repeated(self, h: torch.Tensor, times: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward(repeat_passes(h, times))``, with every layer before the first dropout layer
+        run once on the ``B`` inputs (their outputs are the same for every repetition); the
+        batch is pass-major (entry ``n·B + b`` = repetition ``n`` of input ``b``)."""
+        repeated = False
+        features = [h]
+        for stage in self.stages:
+            if not repeated and has_dropout(stage):
+                h = run_then_repeat(stage, h, times)
+                repeated = True
+            else:
+                h = stage(h)
+            features.append(h)
+        if not repeated:
+            h = repeat_passes(h, times)
+        features = [f if f.shape[0] == h.shape[0] else repeat_passes(f, times) for f in features]
+        return self.output(h), features
+
+
+def repeat_passes(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    """Pass-major repetition ``(B, ...)`` -> ``(times·B, ...)``: entry ``n·B + b`` = ``tensor[b]``."""
+    return tensor.repeat(times, *([1] * (tensor.ndim - 1)))
+
+
+def has_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+
+
+def run_then_repeat(module: nn.Module, x: torch.Tensor, times: int) -> torch.Tensor:
+    """``module(repeat_passes(x, times))`` with the layers before the first dropout layer run once.
+
+    Walks nested ``nn.Sequential`` containers in order: a child without dropout runs on the
+    ``B`` inputs; the child holding the first dropout layer is entered (if it is a Sequential)
+    or gets the repeated batch; everything after it runs on the repeated batch. Exact up to
+    float rounding of batch-size-dependent kernels: eval-mode layers treat images independently.
+    """
+    if not has_dropout(module):
+        return repeat_passes(module(x), times)
+    if isinstance(module, nn.Sequential):
+        children = list(module)
+        for index, child in enumerate(children):
+            if has_dropout(child):
+                x = run_then_repeat(child, x, times)
+                for rest in children[index + 1:]:
+                    x = rest(x)
+                return x
+            x = child(x)
+    return module(repeat_passes(x, times))
+
 
 class Decoded(NamedTuple):
     """Decoder result: image ``(B, C, *spatial)``, log-variance (or None), features coarse to fine."""
@@ -208,7 +257,17 @@ class AutoEncoder(nn.Module):
     def decode(self, z: torch.Tensor) -> Decoded:
         """``(B, latent_dim)`` code -> :class:`Decoded` image, log-variance and feature maps."""
         h = self.latent_act(self.from_latent(z).view(z.shape[0], *self.bottleneck_shape))
-        raw, features = self.decoder(h)
+        return self._decoded(*self.decoder(h))
+
+    def decode_repeated(self, z: torch.Tensor, times: int) -> Decoded:
+        """``decode(repeat_passes(z, times))`` (pass-major ``times·B`` batch) for Monte-Carlo
+        passes: the layers before the decoder's first dropout layer run once on the ``B`` codes
+        (in eval mode they give the same result for every pass). Must only be used in eval mode
+        with the dropout layers being the only source of randomness (as MC dropout runs)."""
+        h = self.latent_act(self.from_latent(z).view(z.shape[0], *self.bottleneck_shape))
+        return self._decoded(*self.decoder.forward_repeated(h, times))
+
+    def _decoded(self, raw: torch.Tensor, features: list[torch.Tensor]) -> Decoded:
         mean_raw = raw[:, : self.in_channels]
         image = torch.sigmoid(mean_raw) if self.output_activation == "sigmoid" else mean_raw
         log_variance = None

@@ -28,7 +28,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -40,6 +40,7 @@ import yaml
 
 from ..data.io import _UMASK, atomic_write
 from ..errors import AnomorphError, CheckpointError
+from ..runtime import configure_threads
 from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
 from .datamodule import SliceDataModule
 from .module import AnomalyModule
@@ -215,14 +216,17 @@ def _quiet_lightning() -> None:
 
 
 def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
-        devices: Any = None, strategy: str | None = None, accelerator: str | None = None) -> Path:
+        devices: Any = None, strategy: str | None = None, accelerator: str | None = None,
+        callbacks: Sequence[Any] = ()) -> Path:
     """Train ``config``; return the run directory.
 
     ``run_dir`` defaults to ``<output_dir>/<name>``. An existing run directory with checkpoints
     is only reused with ``resume=True`` (then training continues from ``last.ckpt``, loaded
     with ``weights_only=True``, and the saved config is used). ``devices`` / ``strategy`` /
     ``accelerator`` override the config's Trainer settings (e.g. ``strategy="ddp", devices=2``).
+    ``callbacks``: extra Lightning callbacks (e.g. timers, as ``benchmarks/end_to_end.py`` uses).
     """
+    configure_threads()
     _quiet_lightning()
     run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -236,7 +240,7 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
                           f"or choose another --run-dir / name")
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = _check_network(config)  # before anything is written
-    trainer = _build_trainer(config, run_dir, devices, strategy, accelerator)
+    trainer = _build_trainer(config, run_dir, devices, strategy, accelerator, callbacks)
     with RunLock(run_dir):
         if not resume and last.exists():  # another run finished in between
             raise ConfigError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it")
@@ -244,13 +248,13 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
 
 
 def _build_trainer(config: RunConfig, run_dir: Path, devices: Any, strategy: str | None,
-                   accelerator: str | None) -> L.Trainer:
+                   accelerator: str | None, extra_callbacks: Sequence[Any] = ()) -> L.Trainer:
     """The Trainer (nothing is written yet); a setting Lightning refuses is a ConfigError."""
     t = config.train
     checkpoint_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss",
                            mode="min", save_top_k=1, save_last=False, enable_version_counter=False)
-    callbacks: list = [best, LastCheckpoint(checkpoint_dir)]
+    callbacks: list = [best, LastCheckpoint(checkpoint_dir), *extra_callbacks]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience))
     if t.progress_bar:

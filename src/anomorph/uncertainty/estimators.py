@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -144,6 +145,14 @@ class SeededDropout:
         self.shared = shared
         self.passes: Sequence[int] = (0,)
         self._handles: list[Any] = []
+        self._copies: list[tuple[int, nn.Module]] = []
+
+    def also_on(self, original: nn.Module, copy: nn.Module) -> None:
+        """Also sample masks in ``copy``, a structural copy of ``original`` (a submodule of the
+        network): its dropout layers get the seeds of the matching layers of ``original``."""
+        index_of = {id(layer): i for i, layer in enumerate(self.layers)}
+        for layer, twin in zip(dropout_layers(original), dropout_layers(copy)):
+            self._copies.append((index_of[id(layer)], twin))
 
     def probability(self, layer: nn.Module) -> float:
         return float(layer.p) if self.p is None else self.p
@@ -171,19 +180,56 @@ class SeededDropout:
             for n in self.passes:
                 generator = torch.Generator(device=x.device).manual_seed(child_seed(self.seed, index, n))
                 masks.append(torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) >= p)
-            mask = torch.stack(masks).expand(n_passes, per_pass, *x.shape[1:]).reshape(x.shape)
-            return x * mask.to(x.dtype) / (1.0 - p)
+            # (passes, 1 or B, ...) factors 0 or 1/(1-p), broadcast over the pass-major batch: one
+            # elementwise pass, no full-size mask (equals x * mask / (1 - p) up to one rounding)
+            scale = torch.stack(masks).to(x.dtype).mul_(1.0 / (1.0 - p))
+            return (x.view(n_passes, per_pass, *x.shape[1:]) * scale).view(x.shape)
 
         return hook
 
     def __enter__(self) -> "SeededDropout":
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        self._handles += [layer.register_forward_hook(self._hook(i)) for i, layer in self._copies]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+#: pixels per forward (images × pixels each) below which batching more MC passes together still
+#: pays on CPUs; larger forwards outgrow the caches (at 128², 8 passes × 16 images in one forward
+#: ran about 2x slower per image than 8 forwards of 16 images; benchmarks/README.md).
+AUTO_PIXELS_PER_FORWARD = 16 * 128 * 128
+
+
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def folded_prior(prior: nn.Module) -> nn.Module:
+    """:func:`~anomorph.networks.blocks.fold_batch_norm` of ``prior``, cached until any of its
+    parameters or buffers changes (storage or in-place version), e.g. by training."""
+    tensors = [*prior.parameters(), *prior.buffers()]
+    key = tuple((t.data_ptr(), t._version, t.device.type) for t in tensors)
+    cached = _FOLDED.get(prior)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    from ..networks.blocks import fold_batch_norm
+
+    folded = fold_batch_norm(prior)
+    _FOLDED[prior] = (key, folded)
+    return folded
+
+
+def auto_max_batch(images: torch.Tensor) -> int:
+    """Default ``max_batch`` of :class:`MCDropoutEstimator`: images per forward such that one forward
+    holds about ``AUTO_PIXELS_PER_FORWARD`` pixels (at least the batch itself: one pass per forward).
+    On CUDA all passes go in one forward."""
+    if images.device.type == "cuda":
+        return 1 << 30
+    pixels = max(1, math.prod(images.shape[2:]))
+    return max(images.shape[0], AUTO_PIXELS_PER_FORWARD // pixels)
 
 
 class MCDropoutEstimator(UncertaintyEstimator):
@@ -194,12 +240,17 @@ class MCDropoutEstimator(UncertaintyEstimator):
     (√(Σ_k var d_k), pixels; MorphAEus only); ``dropout`` overrides every dropout layer's
     probability (None = as trained; 0 gives exactly zero variance); ``shared_masks`` (default
     True, see :class:`SeededDropout`); ``max_batch``: most images per forward (None = all N·B
-    at once; the result does not change, only memory); ``seed``; ``scale`` (default 0.02).
+    at once; default: :func:`auto_max_batch`, about 16 images of 128² per forward on CPU; the
+    result does not change, only speed and memory); ``seed``; ``scale`` (default 0.02).
 
-    The N passes run as ONE forward of a pass-major (N·B) batch. When the encoder (and the
-    dense ``to_latent`` layer) has no dropout — the case for anomorph's networks, where dropout
-    sits in the decoder stages only — the encoder runs once on the B images and the code is
-    repeated N times; the deformation head is run only for ``target`` "warped"/"displacement".
+    The N passes run as pass-major (n·B) batches of up to ``max_batch`` images. When the encoder
+    (and the dense ``to_latent`` layer) has no dropout — the case for anomorph's networks, where
+    dropout sits in the decoder stages only — the encoder runs once on the B images and the code
+    is repeated; the decoder layers before its first dropout layer (``from_latent`` and the first
+    up-convolution and its normalisation) also run once (``AutoEncoder.decode_repeated``); only
+    the dropout-bearing rest runs per pass, on a copy of the prior with the BatchNorms folded into
+    the convolutions (:func:`folded_prior`; equal up to float rounding). The deformation head is run only for ``target``
+    "warped"/"displacement".
     Stochasticity reaches the head through x̂ and the decoder features (and through any dropout
     layer inside the head). Extras: ``mean``/``variance`` of x̂; with the head also
     ``warped_mean``/``warped_variance`` and ``displacement_mean``/``displacement_variance``
@@ -241,17 +292,25 @@ class MCDropoutEstimator(UncertaintyEstimator):
         encoder_parts = [getattr(prior, n, None) for n in ("encoder", "to_latent")]
         reuse_encoder = (hasattr(prior, "encode") and hasattr(prior, "decode") and None not in encoder_parts
                          and not any(dropout_layers(part) for part in encoder_parts))
-        per_forward = self.passes if self.max_batch is None else max(1, int(self.max_batch) // batch)
+        max_batch = auto_max_batch(images) if self.max_batch is None else int(self.max_batch)
+        per_forward = max(1, max_batch // batch)
         chunks = [list(range(s, min(s + per_forward, self.passes))) for s in range(0, self.passes, per_forward)]
         need_head = self.target != "prior"
         collected: dict[str, list[torch.Tensor]] = {}
+        if reuse_encoder:
+            # the passes run on a copy with the BatchNorms folded into the convolutions (same
+            # function in eval mode up to float rounding; one elementwise pass less per conv)
+            fast = folded_prior(prior)
+            sampler.also_on(prior, fast)
         with sampler:
             code = prior.encode(images)[0] if reuse_encoder else None
             for chunk in chunks:
                 sampler.passes = chunk
                 n = len(chunk)
                 if reuse_encoder:
-                    decoded = prior.decode(_repeat(code, n))
+                    decode_repeated = getattr(fast, "decode_repeated", None)
+                    decoded = (decode_repeated(code, n) if decode_repeated is not None
+                               else fast.decode(_repeat(code, n)))
                     parts = {"reconstruction": decoded.image}
                     if need_head:
                         x = _repeat(images, n)

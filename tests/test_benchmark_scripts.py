@@ -1,0 +1,67 @@
+"""The bookkeeping of benchmarks/end_to_end.py and benchmarks/thread_setup.py (no timing asserted)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_epoch_timer_splits_wall_time_into_batches_data_validation_and_rest():
+    e2e = load("end_to_end")
+    timer = e2e.EpochTimer()
+    clock = Clock()
+    timer._now = clock
+    for epoch in range(2):
+        clock.t = 100.0 * epoch
+        timer.on_train_epoch_start(None, None)
+        for _ in range(3):
+            clock.t += 0.5                       # data fetch
+            timer.on_train_batch_start(None, None, None, 0)
+            clock.t += 2.0                       # step
+            timer.on_train_batch_end(None, None, None, [0] * 4, 0)
+        clock.t += 1.0
+        timer.on_validation_epoch_start(None, None)
+        clock.t += 3.0
+        timer.on_validation_epoch_end(None, None)
+        clock.t += 0.25                          # checkpoints, logs
+    timer.on_train_end(None, None)
+    rows = timer.summary()
+    assert len(rows) == 2
+    last = rows[1]
+    assert last["wall_s"] == 3 * 2.5 + 1.0 + 3.0 + 0.25
+    assert (last["batches_s"], last["data_s"], last["validation_s"]) == (6.0, 1.5, 3.0)
+    assert last["other_s"] == 1.25 and last["images"] == 12 and last["steps"] == 3
+
+
+def test_thread_setup_table_and_ratios():
+    setup = load("thread_setup")
+    row = {"images_per_s": 10.0, "steps_per_min": 37.5, "torch_threads": 2, "omp_wait_policy": "PASSIVE"}
+    results = {"settings": {"model": "ae", "size": 64, "batch_size": 16},
+               "load_average": {"start": [1, 1, 1], "end": [1, 1, 1]},
+               "rows": {"idle/without": {**row, "omp_wait_policy": None, "images_per_s": 5.0}, "idle/with": row,
+                        "busy/without": {**row, "omp_wait_policy": None, "images_per_s": 1.0},
+                        "busy/with": {**row, "images_per_s": 8.0}},
+               "ratios": {"busy_with_vs_without": 8.0, "idle_with_vs_without": 2.0, "with_busy_vs_idle": 0.8,
+                          "without_busy_vs_idle": 0.2}}
+    table = setup.format_table(results)
+    assert "| 1 spinner | with | 2 | PASSIVE | 8.00 |" in table
+    assert "| none | without | 2 | unset | 5.00 |" in table
+    assert "busy: with / without = 8.00x" in table
