@@ -163,9 +163,16 @@ def test_user_environment_is_respected_end_to_end():
     assert done.stdout.split() == ["ACTIVE", "1"]
 
 
-def test_cli_logs_the_choice_once(tmp_path):
+def test_cli_logs_the_choice_once_when_work_starts(tmp_path):
+    """The CLI sets threads at start but prints its line only when fit/evaluate/predict start
+    working: a user error stays one line (the error contract)."""
     code = "import sys; from anomorph.cli.main import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, "data", "check", str(tmp_path / "missing.csv")],
+                          env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    probe = ("import sys; from anomorph.cli.main import main; from anomorph import runtime; "
+             "main(['data', 'check', sys.argv[1]]); runtime.configure_threads(); runtime.configure_threads()")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "missing.csv")],
                           env=_clean_env(), capture_output=True, text=True, timeout=120)
     lines = [line for line in done.stderr.splitlines() if "OMP_WAIT_POLICY=" in line]
     assert len(lines) == 1, done.stderr

@@ -185,6 +185,14 @@ _SETUP: ThreadSetup | None = None
 _OWN_VARIABLES: set[str] = set()
 _LOGGED = False
 _APPLIED = False
+_ANNOUNCER: Callable[[str], None] | None = None
+
+
+def set_announcer(announce: Callable[[str], None] | None) -> None:
+    """Where :func:`configure_threads` sends its one line when it is called without ``announce``
+    (the CLI passes a stderr printer; default: the ``anomorph.runtime`` logger)."""
+    global _ANNOUNCER
+    _ANNOUNCER = announce
 
 
 def prepare_environment(environ: MutableMapping[str, str] | None = None,
@@ -240,8 +248,12 @@ def prepare() -> ThreadSetup:
     return _SETUP
 
 
-def configure_threads(announce: Callable[[str], None] | None = None) -> ThreadSetup:
+def configure_threads(announce: Callable[[str], None] | None = None, log: bool = True) -> ThreadSetup:
     """Apply the thread count to torch (once) and log the setup (once per process).
+
+    ``log=False`` applies without logging (the CLI applies at start; ``fit``, ``evaluate`` and
+    ``predict_files`` log when their work starts, after their inputs were checked, so a user
+    error stays a single line).
 
     Unless the user set ``OMP_NUM_THREADS``, ``torch.set_num_threads(usable CPUs)`` is called
     when torch currently uses more threads (never raises the count). ``announce`` receives the
@@ -258,11 +270,12 @@ def configure_threads(announce: Callable[[str], None] | None = None) -> ThreadSe
             torch.set_num_threads(setup.threads)
             setup.notes.append(f"lowered from {current}")
     setup.torch_threads = torch.get_num_threads()
-    if not _LOGGED:
+    if log and not _LOGGED:
         _LOGGED = True
         line = setup.describe()
-        if announce is not None:
-            announce(line)
+        target = announce if announce is not None else _ANNOUNCER
+        if target is not None:
+            target(line)
         else:
             logger.info(line)
     return setup

@@ -220,9 +220,12 @@ def _extra_commands() -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..runtime import configure_threads
+    from ..runtime import configure_threads, set_announcer
 
-    configure_threads(announce=lambda line: print(line, file=sys.stderr, flush=True))
+    # threads are set now; the one stderr line comes when fit / evaluate / predict start working
+    # (after their inputs were checked, so a user error stays one line)
+    set_announcer(lambda line: print(line, file=sys.stderr, flush=True))
+    configure_threads(log=False)
     try:
         return int(args.func(args) or 0)
     except (AnomorphError, UserError) as err:

@@ -55,7 +55,7 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
     ``guidance`` None scores each run with its calibrated guidance setting (a guided setting
     needs ``anomorph calibrate``), a strategy name or GuidanceConfig overrides with that.
     """
-    configure_threads()
+    configure_threads(log=False)
     if uncertainty and not runs:
         raise ConfigError("uncertainty estimators need trained runs (--run RUN_DIR)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -94,6 +94,7 @@ def evaluate(runs: Sequence[str | Path] = (), manifest: str | Path = "phantom/ma
             if names.count(s.name) > 1:
                 s.name = f"{s.name}#{i}"
     data = EvaluationData.load(manifest, config)
+    configure_threads()  # logged once the data loaded
     estimators = _prepare_uncertainty(model_scorers, runs, uncertainty, normalise, normalise_mode,
                                       uncertainty_options or {}, data, batch_size) if uncertainty else {}
     data, results = evaluate_methods(all_scorers, manifest, config, batch_size, oracle, data=data)

@@ -363,7 +363,7 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
     output name planned (see the module docstring), before anything is written, so a bad file
     leaves no partial output. Inputs whose outputs are complete are skipped unless
     ``overwrite``; their names are appended to ``skipped``."""
-    configure_threads()
+    configure_threads(log=False)
     out_dir = Path(out_dir)
     paths = [Path(p) for p in inputs]
     masks = list(brain_masks) if brain_masks is not None else [None] * len(paths)
@@ -395,6 +395,7 @@ def predict_files(scorer: Scorer, inputs: Sequence[str | Path], out_dir: str | P
         for stale in out_dir.glob(f".tmp-*-{file_stem(path)}_*"):
             if stale.is_file():
                 stale.unlink(missing_ok=True)
+    configure_threads()  # logged once the inputs passed their checks
     thresholds = _thresholds(scorer)
     staging = out_dir / f".tmp-predict-{os.getpid()}"
     written: dict[str, dict[str, Path]] = {}

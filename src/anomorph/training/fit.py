@@ -226,7 +226,7 @@ def fit(config: RunConfig, run_dir: str | Path | None = None, resume: bool = Fal
     ``accelerator`` override the config's Trainer settings (e.g. ``strategy="ddp", devices=2``).
     ``callbacks``: extra Lightning callbacks (e.g. timers, as ``benchmarks/end_to_end.py`` uses).
     """
-    configure_threads()
+    configure_threads(log=False)  # the line is logged when training starts (after the checks)
     _quiet_lightning()
     run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -299,6 +299,7 @@ def _fit_locked(config: RunConfig, module: AnomalyModule, trainer: L.Trainer, ru
         save_config(config, run_dir / "config.yaml")
     module.figure_dir = run_dir / "figures"
     module.figure_dir.mkdir(exist_ok=True)
+    configure_threads()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     except OSError as err:
