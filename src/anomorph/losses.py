@@ -125,6 +125,13 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "batc
     raise ValueError(f"reduction must be 'batchmean', 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def _check_ncc_inputs(x: torch.Tensor, y: torch.Tensor, kernel_size: int) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ in shape")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+
+
 def local_ncc_map(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 9, smooth_dr: float = 1e-5) -> torch.Tensor:
     """Per-pixel −NCC² over ``kernel_size``^d windows, ``(B, C, *spatial)``, values in [−1, 0].
 
@@ -133,10 +140,7 @@ def local_ncc_map(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 9, smooth
     at ``smooth_dr``), computed with one depthwise separable filtering of the five moments
     instead of five.
     """
-    if x.shape != y.shape:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ in shape")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    _check_ncc_inputs(x, y, kernel_size)
     channels = x.shape[1]
     spatial_dims = x.ndim - 2
     kernel = torch.ones(kernel_size, dtype=x.dtype, device=x.device)
@@ -184,10 +188,7 @@ def masked_local_ncc_map(
     value of the map unchanged (exactly, for finite inputs). With w ≡ 1 the map equals
     :func:`local_ncc_map` wherever the window lies inside the image. Values in [−1, 0].
     """
-    if x.shape != y.shape:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ in shape")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    _check_ncc_inputs(x, y, kernel_size)
     channels = x.shape[1]
     spatial_dims = x.ndim - 2
     w = weight.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(x)
