@@ -185,3 +185,16 @@ def test_paired_differences_pool_seeds_and_match_a_direct_bootstrap(tmp_path):
     assert (overall["ci_low"], overall["ci_high"]) == pytest.approx((direct["ci_low"], direct["ci_high"]))
     assert {r["group"] for r in rows} == {"overall", "a", "b"}
     assert "guided" in paired_markdown(rows) and "[" in paired_markdown(rows)
+
+
+def test_demo_takes_the_guided_row_that_was_best_on_val(tmp_path):
+    from anomorph.benchmark.demo import best_guided_on_val
+
+    assert best_guided_on_val(tmp_path) == ("gating", {})  # no committed search: defaults
+    (tmp_path / "chosen.json").write_text(json.dumps({"guidance": {
+        "gating": {"threshold": 3.0, "estimator": "deformation"}, "map": {"threshold": 2.0, "map_lambda": 0.1},
+        "tto": {"map_lambda": 1.0}}}))
+    (tmp_path / "search.csv").write_text(
+        "method,run,params,pixel_auprc,chosen\n"
+        "gating,x,{},0.30,True\ngating,x,{},0.50,False\nmap,x,{},0.40,True\ntto,x,{},0.90,True\n")
+    assert best_guided_on_val(tmp_path) == ("map", {"threshold": 2.0, "map_lambda": 0.1})
