@@ -31,9 +31,9 @@ def guidance_figures(config, dataset, seed: int, chosen: dict[str, Any]) -> list
     scorers = [s for s in build_scorers(config, manifest, seed, runs, data, chosen) if getattr(s, "deformable", False)]
     test = data.test
     picked: dict[str, int] = {}
-    for index in data.example_indices:
-        row = test.meta[index][0]
-        picked.setdefault(row.lesion_type or "healthy", index)
+    for index in data.example_indices:  # per lesion type, then one slice without lesion
+        has_lesion = bool(test.masks[index].any())
+        picked.setdefault((test.meta[index][0].lesion_type or "lesion") if has_lesion else "healthy", index)
     out_dir = Path(config.output_dir) / dataset.name / "figures"
     paths = []
     for lesion_type, index in picked.items():
