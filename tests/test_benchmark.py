@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 from anomorph.benchmark.aggregate import aggregate, to_markdown
 from anomorph.benchmark.runner import BenchmarkConfig, DatasetSpec, MethodSpec, load_benchmark_config, run_benchmark

@@ -41,7 +41,7 @@ import yaml
 from ..data.io import _UMASK, atomic_write
 from ..errors import AnomorphError, CheckpointError
 from ..runtime import configure_threads
-from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
+from ..config import ConfigError, RunConfig, config_to_dict, load_config, save_config
 from .datamodule import SliceDataModule
 from .module import AnomalyModule
 from ..runs import (ENSEMBLE_FILE, ensemble_members, is_ensemble, load_checkpoint, load_ensemble,  # noqa: F401
