@@ -147,8 +147,13 @@ def trained_run(tiny_phantom, tmp_path_factory):
 
 
 class _Payload:
+    """Unpickling it would write ``marker``: the test checks the file never appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/anomorph-pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def _spoil(path: Path, case: str, other: Path) -> None:
@@ -158,7 +163,7 @@ def _spoil(path: Path, case: str, other: Path) -> None:
         path.write_bytes(os.urandom(3000))
     elif case == "payload":
         with path.open("wb") as handle:
-            pickle.dump({"state_dict": _Payload()}, handle)
+            pickle.dump({"state_dict": _Payload(path.parent / "pwned")}, handle)
     elif case == "missing_keys":
         checkpoint = torch.load(path, weights_only=True)
         del checkpoint["optimizer_states"], checkpoint["loops"]
@@ -188,7 +193,7 @@ def test_resume_from_a_bad_checkpoint(case, trained_run, tmp_path, capsys):
     _assert_user_error(code, err, "last.ckpt", RESUME_CASES[case])
     assert (run / "config.yaml").read_bytes() == config_before
     assert sorted(p.name for p in (run / "logs" / "csv").iterdir()) == sessions_before
-    assert not Path("/tmp/anomorph-pwned").exists()
+    assert not (last.parent / "pwned").exists()
 
 
 # ------------------------------------------------------------------ silent wrong results (item 7)

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, MutableMapping
 
 logger = logging.getLogger("anomorph.runtime")
 
+# the kernel's interfaces (not user paths); every reader takes them as arguments, so tests pass fakes
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -356,6 +356,14 @@ def _downsample(image, spacing_mm: float):
                          [float(v) for v in target], image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
+def _optimise(fixed, moving, transform, spacing, config) -> dict:
+    """Optimise ``transform`` in place (one linear stage); returns its final metric and stop reason."""
+    method = _registration_method(spacing, config.registration_iterations, config.seed)
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    return {"metric": float(method.GetMetricValue()), "stop": method.GetOptimizerStopConditionDescription()}
+
+
 def _registration_method(fixed_spacing: float, iterations: int, seed: int, scale_from_shift: bool = True):
     sitk = _sitk()
     method = sitk.ImageRegistrationMethod()
@@ -392,22 +400,14 @@ def register_to_template(moving, config: PrepareConfig):
                   "metric": "Mattes mutual information (32 bins, 10% random samples)"}
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
-    method = _registration_method(reg_spacing, config.registration_iterations, config.seed)
-    method.SetInitialTransform(rigid, inPlace=True)
-    method.Execute(fixed, moving)
-    info["rigid"] = {"metric": float(method.GetMetricValue()),
-                     "stop": method.GetOptimizerStopConditionDescription()}
+    info["rigid"] = _optimise(fixed, moving, rigid, reg_spacing, config)
     linear = rigid
     if config.registration in ("affine", "affine+bspline"):
         affine = sitk.AffineTransform(3)
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetCenter(rigid.GetCenter())
         affine.SetTranslation(rigid.GetTranslation())
-        method = _registration_method(reg_spacing, config.registration_iterations, config.seed)
-        method.SetInitialTransform(affine, inPlace=True)
-        method.Execute(fixed, moving)
-        info["affine"] = {"metric": float(method.GetMetricValue()),
-                          "stop": method.GetOptimizerStopConditionDescription()}
+        info["affine"] = _optimise(fixed, moving, affine, reg_spacing, config)
         linear = affine
     linear_inverse = linear.GetInverse()
     info["matrix"] = [float(v) for v in linear.GetMatrix()]
