@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 
@@ -102,10 +103,12 @@ def _selection_config(out: Path) -> BenchmarkConfig:
         overrides=TINY,
         selection={"seed": 0, "criterion": "pixel_auprc", "train_grid": {"morphaeus": {"train.beta_end": [0.01, 1.0]}},
                    "guidance_grid": {"gating": {"threshold": [1.0, 3.0], "dilation": [0, 1]}}},
-        uncertainty_quality=[{"name": "residual_z"}, {"name": "deformation", "options": {"quantity": "displacement"}}])
+        uncertainty_quality=[{"name": "residual_z"}, {"name": "deformation", "options": {"quantity": "displacement"}},
+                             {"name": "noncorrespondence", "mode": "none"}],
+        head={"steps": 2, "batch_size": 4, "draws": 1, "channels": [4, 8]})
 
 
-def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
+def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path, monkeypatch):
     from anomorph.data.manifest import read_manifest
 
     config = _selection_config(tmp_path)
@@ -116,7 +119,8 @@ def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
     assert (root / "figures" / "uncertainty_panels.png").is_file()
     quality = list(csv.DictReader((root / "uncertainty" / "quality.csv").open()))
     overall = [r for r in quality if r["group"] == "overall"]
-    assert [r["estimator"] for r in overall] == ["residual_z", "deformation[quantity=displacement]"]
+    assert [r["estimator"] for r in overall] == ["residual_z", "deformation[quantity=displacement]",
+                                                 "noncorrespondence (raw u)"]
     assert all(0 <= float(r["u_auroc"]) <= 1 and 0 <= float(r["healthy_false_alarm"]) <= 1 for r in overall)
     assert "paired_markdown" in files and "tto" in files["paired_markdown"].read_text()
     chosen = json.loads((root / "selection" / "chosen.json").read_text())
@@ -147,8 +151,39 @@ def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path):
             nib.save(nib.Nifti1Image(noise, img.affine), row.image)
     before = (root / "selection" / "search.csv").read_text()
     (root / "selection" / "chosen.json").unlink()
+    (root / "selection" / "search.csv").unlink()  # else its rows would be reused, not recomputed
     assert json.loads(json.dumps(run_selection_only(config))) == chosen
     assert (root / "selection" / "search.csv").read_text() == before
+
+    # growing a grid scores only the new combinations (the others come from search.csv)
+    import anomorph.evaluation.evaluate as evaluate_module
+
+    scored = []
+    original = evaluate_module.evaluate_scorer
+    monkeypatch.setattr(evaluate_module, "evaluate_scorer",
+                        lambda scorer, *a, **k: scored.append(scorer.name) or original(scorer, *a, **k))
+    config.selection["guidance_grid"]["gating"]["threshold"] = [1.0, 3.0, 5.0]
+    grown = run_selection_only(config)
+    assert scored == ["gating", "gating"]  # threshold 5 × dilation 0, 1
+    rows = list(csv.DictReader((root / "selection" / "search.csv").open()))
+    assert len(rows) == 2 + 6 and sum(r["chosen"] == "True" for r in rows) == 2
+    old = {(r["method"], r["run"], r["params"]): r["pixel_auprc"] for r in csv.DictReader(io.StringIO(before))}
+    assert all(old[(r["method"], r["run"], r["params"])] == r["pixel_auprc"] for r in rows
+               if (r["method"], r["run"], r["params"]) in old)
+    scored.clear()
+    assert run_selection_only(config) == grown and scored == []  # unchanged setup: chosen.json reused
+
+    # a second dataset checked with the FROZEN choices: its own data and its own trainings
+    monkeypatch.undo()
+    phantom = dict(config.datasets[0].phantom, seed=50)
+    config.datasets.append(DatasetSpec("tiny2", str(tmp_path / "data2" / "seed{seed}" / "manifest.csv"), phantom,
+                                       frozen_from="tiny", seeds=[0], methods=["gating"]))
+    run_benchmark(config)
+    second = json.loads((tmp_path / "bench" / "tiny2" / "seed0" / "metrics.json").read_text())
+    assert set(second["methods"]) == {"morphaeus", "gating", "gating (oracle-guided)", "oracle"}
+    assert second["context"]["chosen_on_val"]["guidance"] == grown["guidance"]
+    assert (tmp_path / "bench" / "tiny2" / "morphaeus" / "seed0" / "done").exists()
+    assert not (tmp_path / "bench" / "tiny2" / "selection").exists()
 
 
 def run_selection_only(config):

@@ -116,3 +116,42 @@ def load_ensemble(run_dir: str | Path, which: str = "best") -> list[tuple[torch.
 def resolve_run_dir(run_dir: str | Path) -> Path:
     """The run directory to load a single model from: member 0 of an ensemble, else ``run_dir``."""
     return ensemble_members(run_dir)[0] if is_ensemble(run_dir) else Path(run_dir)
+
+
+HEAD_DIR = "noncorrespondence"
+HEAD_WEIGHTS = "head.pt"
+HEAD_INFO = "head.json"
+
+
+def head_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/noncorrespondence/``: the learned non-correspondence head of a deformable run."""
+    return Path(run_dir) / HEAD_DIR
+
+
+def has_head(run_dir: str | Path) -> bool:
+    return (head_dir(run_dir) / HEAD_WEIGHTS).is_file() and (head_dir(run_dir) / HEAD_INFO).is_file()
+
+
+def load_head(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The non-correspondence head of a run (eval mode, CPU) and its ``head.json`` (network
+    options, training settings, losses). Weights are read with ``weights_only=True``."""
+    import json
+
+    from .networks import NonCorrespondenceNet
+
+    folder = head_dir(run_dir)
+    if not has_head(run_dir):
+        raise ConfigError(f"{run_dir} has no non-correspondence head ({folder / HEAD_WEIGHTS}); "
+                          f"train one with `anomorph fit-head --run {run_dir}`")
+    try:
+        info = json.loads((folder / HEAD_INFO).read_text())
+        network = NonCorrespondenceNet(**info["network"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder / HEAD_INFO}: unreadable head description ({err})") from err
+    state = load_checkpoint(folder / HEAD_WEIGHTS)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{folder / HEAD_WEIGHTS}: weights do not match {HEAD_INFO}: "
+                              f"{str(err).splitlines()[0]} ...") from err
+    return network.eval(), info

@@ -13,6 +13,12 @@ from typing import Any
 from ..data.io import atomic_write
 from .statistics import paired_table
 
+
+def dataset_seeds(config, dataset) -> list[int]:
+    """The seeds run on ``dataset``: its own ``seeds`` (when set) or the benchmark's."""
+    own = getattr(dataset, "seeds", None)
+    return list(own) if own is not None else list(config.seeds)
+
 COLUMNS = {  # metric key → column title; SPEC §4 / issue 6 columns first
     "pixel_auprc": "pixel AUPRC", "dice_at_val": "Dice@val", "slice_auroc": "slice AUROC",
     "lpr": "LPR", "hrr": "HRR", "folding_fraction": "folding", "pixel_auroc": "pixel AUROC",
@@ -39,7 +45,7 @@ def aggregate(config) -> list[dict[str, Any]]:
     table: dict[tuple, dict[str, list[float]]] = {}
     order: list[tuple] = []
     for dataset in config.datasets:
-        for seed in config.seeds:
+        for seed in dataset_seeds(config, dataset):
             path = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
             if not path.is_file():
                 continue
@@ -124,7 +130,7 @@ def paired_differences(config, n_resamples: int = 10000) -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     for dataset in config.datasets:
         per_method: dict[str, dict[str, dict[str, Any]]] = {}
-        for seed in config.seeds:
+        for seed in dataset_seeds(config, dataset):
             path = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
             if not path.is_file():
                 continue

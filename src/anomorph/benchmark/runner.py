@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import ConfigError, GuidanceConfig, _from_dict, load_config
 from ..data.io import atomic_write
+from .aggregate import dataset_seeds
 
 
 @dataclass
@@ -34,11 +35,20 @@ class DatasetSpec:
     A ``{seed}`` in ``manifest`` gives every benchmark seed its own data: the phantom is built
     with ``seed`` = the benchmark seed (+ ``phantom.seed`` when given, as an offset), so seeds
     vary the data as well as the initialisation.
+
+    ``frozen_from``: the name of an earlier dataset whose val choices (``chosen.json``) this
+    dataset reuses unchanged — a check on data that never chose anything; its models are
+    trained anew on this dataset with the chosen training values. ``seeds`` (default: the
+    benchmark's) and ``methods`` (default: all; names of the benchmark's methods) restrict
+    what runs on this dataset.
     """
 
     name: str
     manifest: str
     phantom: dict[str, Any] | None = None
+    frozen_from: str | None = None
+    seeds: list[int] | None = None
+    methods: list[str] | None = None
 
     @property
     def varies_with_seed(self) -> bool:
@@ -83,7 +93,9 @@ class BenchmarkConfig:
     hyperparameter behind a reported number (:class:`.selection.SelectionSpec` fields); empty =
     no search, the configs' values are used as they are. ``uncertainty_quality``: estimator
     specs ``{name, options, mode}`` measured as u on val (:mod:`.uncertainty_quality`; needs
-    ``selection``).
+    ``selection``). ``head``: :class:`~anomorph.training.noncorrespondence.HeadSettings` fields
+    for the learned non-correspondence heads that rows with estimator ``noncorrespondence`` need
+    (trained on each such run's healthy training slices, before any val or test pass).
     """
 
     name: str = "benchmark"
@@ -98,9 +110,49 @@ class BenchmarkConfig:
     reference: str = "morphaeus"
     selection: dict[str, Any] = field(default_factory=dict)
     uncertainty_quality: list[dict[str, Any]] = field(default_factory=list)
+    head: dict[str, Any] = field(default_factory=dict)
 
 
 KINDS = ("threshold", "train", "guided")
+
+
+def dataset_methods(config: "BenchmarkConfig", dataset: DatasetSpec) -> list[MethodSpec]:
+    """The methods run on ``dataset`` (its ``methods`` list, plus the runs they are based on)."""
+    if dataset.methods is None:
+        return list(config.methods)
+    wanted = set(dataset.methods)
+    wanted |= {m.run for m in config.methods if m.name in wanted and m.run}
+    return [m for m in config.methods if m.name in wanted]
+
+
+def method_setup(method: MethodSpec, chosen_values: dict[str, Any] | None = None) -> str:
+    """A fingerprint of what a row computes: its method spec and val-chosen values (JSON)."""
+    import json
+
+    return json.dumps({**dataclasses.asdict(method), "chosen": chosen_values or {}}, sort_keys=True, default=str)
+
+
+def uses_head(config: "BenchmarkConfig", base: str) -> bool:
+    """Whether any row on the run of method ``base`` (or the u-quality table) needs the learned
+    non-correspondence head (estimator ``noncorrespondence``)."""
+    name = "noncorrespondence"
+    grid = (config.selection or {}).get("guidance_grid", {})
+    for m in config.methods:
+        if m.kind == "guided" and (m.run == base or m.name == base):
+            if m.estimator == name or name in grid.get(m.name, {}).get("estimator", []):
+                return True
+    return base == config.reference and any(spec.get("name") == name for spec in config.uncertainty_quality)
+
+
+def ensure_head(config: "BenchmarkConfig", base: str, run_dir: Path) -> None:
+    """Train the run's non-correspondence head when a row needs it and it is missing."""
+    from ..runs import has_head
+
+    if uses_head(config, base) and not has_head(run_dir):
+        from ..training.noncorrespondence import HeadSettings, fit_head
+
+        _log(f"training the non-correspondence head of {run_dir}")
+        fit_head(run_dir, HeadSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.head.items()}))
 
 
 def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) -> BenchmarkConfig:
@@ -121,6 +173,14 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
     names = [m.name for m in config.methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: method names must be unique, got {names}")
+    earlier: list[str] = []
+    for d in config.datasets:
+        if d.frozen_from is not None and d.frozen_from not in earlier:
+            raise ConfigError(f"{path}: dataset {d.name!r}: frozen_from {d.frozen_from!r} must name an earlier dataset")
+        unknown = sorted(set(d.methods or []) - set(names))
+        if unknown:
+            raise ConfigError(f"{path}: dataset {d.name!r}: unknown method(s) {unknown}")
+        earlier.append(d.name)
     for m in config.methods:
         if m.kind not in KINDS:
             raise ConfigError(f"{path}: method {m.name!r}: kind {m.kind!r} is not one of {KINDS}")
@@ -147,9 +207,16 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
 
     for spec in config.uncertainty_quality:
         if not isinstance(spec, dict) or spec.get("name") not in ESTIMATORS or \
-                set(spec) - {"name", "options", "mode"} or spec.get("mode", "pixel") not in ("pixel", "tissue"):
+                set(spec) - {"name", "options", "mode"} or spec.get("mode", "pixel") not in ("pixel", "tissue", "none"):
             raise ConfigError(f"{path}: uncertainty_quality: {spec!r} must be {{name: one of {sorted(ESTIMATORS)}, "
-                              "options: {...}, mode: pixel|tissue}")
+                              "options: {...}, mode: pixel|tissue|none}")
+    if config.head:
+        from ..training.noncorrespondence import HeadSettings
+
+        unknown = sorted(set(config.head) - {f.name for f in dataclasses.fields(HeadSettings)})
+        if unknown:
+            raise ConfigError(f"{path}: head: unknown key(s) {unknown}; accepted: "
+                              f"{[f.name for f in dataclasses.fields(HeadSettings)]}")
     if config.uncertainty_quality and not config.selection:
         raise ConfigError(f"{path}: uncertainty_quality needs a selection section (it uses the val-chosen run)")
     if not 0 <= config.calibration_fraction < 1:
@@ -237,15 +304,16 @@ def load_seed_data(config: BenchmarkConfig, manifest: Path, runs: dict[str, Path
 
 
 def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict[str, Path], data,
-                  chosen: dict[str, Any] | None = None) -> list:
-    """Every row's scorer for one seed, in the config's order (oracle twins after their method)."""
+                  chosen: dict[str, Any] | None = None, methods: list[MethodSpec] | None = None) -> list:
+    """Every row's scorer for one seed, in the config's order (oracle twins after their method);
+    ``methods`` (default: all of the config's) restricts the rows."""
     from ..data.slices import SliceDataset
     from ..evaluation.inference import ThresholdScorer
     from ..scoring import Detector
 
     chosen_guidance = (chosen or {}).get("guidance", {})
     scorers = []
-    for method in config.methods:
+    for method in (config.methods if methods is None else methods):
         if method.kind == "threshold":
             train = SliceDataset(manifest, ["train"], data.config, healthy_only=True)
             scorer = ThresholdScorer.fit(train, method.mode)
@@ -268,7 +336,7 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
     out = Path(config.output_dir) / dataset.name / f"seed{seed}"
     data = load_seed_data(config, manifest, runs)
     results = []
-    for scorer in build_scorers(config, manifest, seed, runs, data, chosen):
+    for scorer in build_scorers(config, manifest, seed, runs, data, chosen, dataset_methods(config, dataset)):
         _log(f"evaluating {scorer.name} (seed {seed}, {dataset.name})")
         results.append(evaluate_scorer(scorer, data, config.batch_size))
     if data.has_oracle:
@@ -276,7 +344,7 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
     context = {"benchmark": config.name, "dataset": dataset.name, "manifest": str(manifest), "seed": seed,
                "machine": f"{platform.node()} ({platform.machine()})", "chosen_on_val": chosen or {},
                "calibration_subjects": sorted({row.subject for row, _, _ in data.calibration.meta})
-               if data.calibration is not None else []}
+               if data.calibration is not None else [], "setup": seed_setup(config, dataset, chosen)}
     if seed in config.report_seeds:
         from ..reporting.report import write_report
 
@@ -285,14 +353,39 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
     return out / "metrics.json"
 
 
+def seed_setup(config: BenchmarkConfig, dataset: DatasetSpec, chosen: dict[str, Any] | None) -> dict[str, str]:
+    """{row method: :func:`method_setup`}: a seed's metrics.json is reused only while this matches."""
+    guidance = (chosen or {}).get("guidance", {})
+    train = (chosen or {}).get("train", {})
+    return {m.name: method_setup(m, {"guidance": guidance.get(m.name), "train": train.get(m.name)})
+            for m in dataset_methods(config, dataset)}
+
+
+def seed_is_current(config: BenchmarkConfig, dataset: DatasetSpec, seed: int, chosen: dict[str, Any]) -> bool:
+    """True when ``<dataset>/seed<S>/metrics.json`` exists and was made for today's rows and
+    val choices (its ``context.setup``); otherwise the seed is evaluated again."""
+    import json
+
+    path = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text()).get("context", {}).get("setup")
+    except ValueError:
+        return False
+    return saved == seed_setup(config, dataset, chosen)
+
+
 def seed_runs(config: BenchmarkConfig, dataset: DatasetSpec, seed: int, chosen: dict[str, Any]) -> dict[str, tuple[Path, list[str]]]:
     """Per trained method of ``seed``: (run directory, the val-chosen overrides it is trained
-    with). The selection seed reuses the run the val search trained with the chosen values."""
+    with). The selection seed reuses the run the val search trained with the chosen values —
+    on the dataset that chose them only (``chosen["dataset"]``; never on a ``frozen_from`` check)."""
     runs = {}
-    for method in config.methods:
+    same_data = chosen.get("dataset", dataset.name) == dataset.name
+    for method in dataset_methods(config, dataset):
         if method.kind == "train" or (method.kind == "guided" and method.config):
             extra = list(chosen.get("train", {}).get(method.name, []))
-            reused = chosen.get("runs", {}).get(method.name) if seed == chosen.get("seed") else None
+            reused = chosen.get("runs", {}).get(method.name) if seed == chosen.get("seed") and same_data else None
             if reused and (Path(reused) / "done").exists():
                 runs[method.name] = (Path(reused), extra)
             else:
@@ -316,9 +409,13 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
         return result
 
     started = time.time()
+    chosen_by_dataset: dict[str, dict[str, Any]] = {}
     for dataset in config.datasets:
         chosen: dict[str, Any] = {}
-        if config.selection:
+        if dataset.frozen_from is not None:
+            chosen = chosen_by_dataset.get(dataset.frozen_from, {})
+            _log(f"{dataset.name}: reusing the val choices of {dataset.frozen_from!r} unchanged")
+        elif config.selection:
             from .selection import run_selection
 
             chosen = timed("select on val", run_selection, config, dataset)
@@ -326,9 +423,9 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
                 from .uncertainty_quality import uncertainty_quality
 
                 timed("uncertainty quality", uncertainty_quality, config, dataset, chosen)
-        for seed in config.seeds:
-            metrics = Path(config.output_dir) / dataset.name / f"seed{seed}" / "metrics.json"
-            if metrics.is_file():
+        chosen_by_dataset[dataset.name] = chosen
+        for seed in dataset_seeds(config, dataset):
+            if seed_is_current(config, dataset, seed, chosen):
                 _log(f"{dataset.name} seed {seed}: already evaluated, skipping")
                 continue
             manifest = timed("data", ensure_dataset, dataset, seed)
@@ -338,8 +435,9 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
                 method = methods[name]
                 runs[name] = timed(f"train {name}", train_method, method.config,
                                    method_overrides(config, method, manifest, seed) + extra, run_dir)
+                timed("train heads", ensure_head, config, name, runs[name])
             timed("evaluate", evaluate_seed, config, dataset, manifest, seed, runs, chosen)
-        if config.report_seeds and (Path(config.output_dir) / dataset.name / f"seed{config.report_seeds[0]}"
+        if dataset.frozen_from is None and config.report_seeds and (Path(config.output_dir) / dataset.name / f"seed{config.report_seeds[0]}"
                                     / "metrics.json").is_file():
             from .figures import guidance_figures
 

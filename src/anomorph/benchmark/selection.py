@@ -16,11 +16,16 @@ u is calibrated on the val *calibration* subjects (healthy, set aside by
 subjects that calibrate u never choose a threshold. LPR and HRR are computed on val too, so no
 choice needs the test split. Output, under ``<output_dir>/<dataset>/selection/``:
 ``search.csv`` / ``search.md`` (every combination with its val metrics) and ``chosen.json``
-(what the benchmark then uses for every seed); an existing ``chosen.json`` is reused.
+(what the benchmark then uses for every seed). An existing ``chosen.json`` is reused while its
+``setup`` (the selection spec, the calibration fraction and the definition of every method in
+the grids) matches the config; otherwise the search runs again, and every combination already
+in ``search.csv`` with the same method definition (its ``setup`` column) is taken from there
+instead of being scored again — so growing a grid scores only the new combinations.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -32,7 +37,9 @@ from ..config import ConfigError
 from ..data.io import atomic_write
 
 CRITERIA = ("pixel_auprc", "pixel_auroc", "oracle_best_dice")
-SEARCH_COLUMNS = ("method", "run", "params", "pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr", "chosen")
+SEARCH_COLUMNS = ("method", "run", "params", "pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr", "chosen",
+                  "setup")
+METRIC_COLUMNS = ("pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr")
 
 
 @dataclass
@@ -66,6 +73,30 @@ def _label(values: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in values.items()) or "default"
 
 
+def selection_setup(config, spec: SelectionSpec) -> str:
+    """Fingerprint of everything the val search's outcome depends on in the config."""
+    from .runner import method_setup
+
+    names = list(dict.fromkeys(list(spec.train_grid) + list(spec.guidance_grid)))
+    methods = {m.name: m for m in config.methods}
+    return json.dumps({"selection": dataclasses.asdict(spec), "calibration_fraction": config.calibration_fraction,
+                       "methods": {n: method_setup(methods[n]) for n in names}}, sort_keys=True)
+
+
+def read_search(path: Path) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """Rows of an earlier ``search.csv`` keyed by (method, run, params, setup); metrics as floats."""
+    if not path.is_file():
+        return {}
+    rows = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if not row.get("setup"):
+                continue
+            values = {k: (float(row[k]) if row.get(k) not in (None, "") else None) for k in METRIC_COLUMNS}
+            rows[(row["method"], row["run"], row["params"], row["setup"])] = values
+    return rows
+
+
 def run_selection(config, dataset) -> dict[str, Any]:
     """Run (or reuse) the val search of ``config.selection`` on ``dataset``; returns chosen.json's
     content: {"seed", "criterion", "train": {method: [overrides]}, "runs": {method: run dir},
@@ -75,14 +106,19 @@ def run_selection(config, dataset) -> dict[str, Any]:
     from ..evaluation.metrics import size_tertile_edges
     from ..training import load_run
     from ..training.datamodule import slice_config
-    from .runner import _log, ensure_dataset, guided_scorers, method_overrides, train_method
+    from .runner import _log, ensure_dataset, ensure_head, guided_scorers, method_overrides, method_setup, train_method
 
     spec = SelectionSpec(**config.selection)
     out = Path(config.output_dir) / dataset.name / "selection"
     chosen_path = out / "chosen.json"
+    setup = selection_setup(config, spec)
     if chosen_path.is_file():
-        _log(f"{dataset.name}: val selection already done ({chosen_path})")
-        return json.loads(chosen_path.read_text())
+        previous = json.loads(chosen_path.read_text())
+        if previous.get("setup") == setup:
+            _log(f"{dataset.name}: val selection already done ({chosen_path})")
+            return previous
+        _log(f"{dataset.name}: the selection setup changed; searching again (known combinations reused)")
+    cache = read_search(out / "search.csv")
     methods = {m.name: m for m in config.methods}
     manifest = ensure_dataset(dataset, spec.seed)
 
@@ -112,15 +148,20 @@ def run_selection(config, dataset) -> dict[str, Any]:
                             tuple(float(e) for e in size_tertile_edges(counts)), [], data.calibration)
 
     rows: list[dict[str, Any]] = []
-    chosen: dict[str, Any] = {"seed": spec.seed, "criterion": spec.criterion, "train": {}, "runs": {}, "guidance": {},
+    chosen: dict[str, Any] = {"seed": spec.seed, "dataset": dataset.name, "setup": setup,
+                              "criterion": spec.criterion, "train": {}, "runs": {}, "guidance": {},
                               "calibration_subjects": sorted({r.subject for r, _, _ in data.calibration.meta})
                               if data.calibration is not None else []}
 
-    def score(scorer, method: str, run_label: str, params: dict[str, Any]) -> float:
-        _log(f"val search: {method} [{run_label}] {params or ''}")
-        metrics = evaluate_scorer(scorer, on_val, config.batch_size).metrics
-        row = {"method": method, "run": run_label, "params": json.dumps(params, sort_keys=True), "chosen": False}
-        row.update({k: metrics.get(k) for k in SEARCH_COLUMNS if k in metrics})
+    def score(make_scorer, method: str, run_label: str, params: dict[str, Any]) -> float:
+        key = (method, run_label, json.dumps(params, sort_keys=True), method_setup(methods[method]))
+        if key in cache:
+            metrics = cache[key]
+        else:
+            _log(f"val search: {method} [{run_label}] {params or ''}")
+            metrics = evaluate_scorer(make_scorer(), on_val, config.batch_size).metrics
+        row = {"method": method, "run": run_label, "params": key[2], "chosen": False, "setup": key[3]}
+        row.update({k: metrics.get(k) for k in METRIC_COLUMNS if k in metrics})
         rows.append(row)
         value = metrics.get(spec.criterion)
         return float("-inf") if value is None else float(value)
@@ -134,7 +175,7 @@ def run_selection(config, dataset) -> dict[str, Any]:
     for name in spec.train_grid:
         if methods[name].kind != "train":
             continue
-        best = max(((score(ModelScorer.from_run(run_dir), name, _label(values), {}), values, run_dir)
+        best = max(((score(lambda run_dir=run_dir: ModelScorer.from_run(run_dir), name, _label(values), {}), values, run_dir)
                     for values, run_dir in trained[name]), key=lambda t: t[0])
         chosen["train"][name] = [f"{k}={v}" for k, v in best[1].items()]
         chosen["runs"][name] = str(best[2])
@@ -156,9 +197,12 @@ def run_selection(config, dataset) -> dict[str, Any]:
             candidates = [(v, r) for v, r in runs if pick is None or str(r) == pick][:1]
         results = []
         for values, run_dir in candidates:
+            ensure_head(config, method.name if method.config else method.run, run_dir)
             for params in combinations(grid):
-                scorer = guided_scorers(method, run_dir, on_val, spec.seed, params)[0]
-                results.append((score(scorer, name, _label(values), params), values, run_dir, params))
+                def make(run_dir=run_dir, params=params):
+                    return guided_scorers(method, run_dir, on_val, spec.seed, params)[0]
+
+                results.append((score(make, name, _label(values), params), values, run_dir, params))
         best = max(results, key=lambda t: t[0])
         chosen["guidance"][name] = best[3]
         if method.config:

@@ -35,7 +35,8 @@ from ..reporting.figures import plt, save_figure
 def spec_label(spec: dict[str, Any]) -> str:
     options = ",".join(f"{k}={v}" for k, v in sorted((spec.get("options") or {}).items()))
     mode = spec.get("mode", "pixel")
-    return spec["name"] + (f"[{options}]" if options else "") + ("" if mode == "pixel" else f" ({mode})")
+    suffix = {"pixel": "", "none": " (raw u)"}.get(mode, f" ({mode})")
+    return spec["name"] + (f"[{options}]" if options else "") + suffix
 
 
 def _safe(function, scores, labels) -> float | None:
@@ -53,13 +54,20 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     from ..training.datamodule import slice_config
     from .runner import _log, ensure_dataset
 
+    from .runner import ensure_head
+
     out = Path(config.output_dir) / dataset.name / "uncertainty"
-    if (out / "quality.csv").is_file():
-        return out / "quality.csv"
     reference = config.reference
     run_dir = chosen.get("runs", {}).get(reference)
     if run_dir is None:
         raise ValueError(f"uncertainty quality needs the val search's run of {reference!r}")
+    if (out / "quality.csv").is_file() and (out / "quality.json").is_file():
+        saved = json.loads((out / "quality.json").read_text())
+        if saved.get("specs") == config.uncertainty_quality and saved.get("run") == str(run_dir) and \
+                saved.get("gating") == _gating_choices(chosen):
+            return out / "quality.csv"
+        _log("uncertainty quality: the estimator list or the val choices changed; measuring again")
+    ensure_head(config, reference, Path(run_dir))
     network, run_config = load_run(run_dir)
     manifest = ensure_dataset(dataset, chosen["seed"])
     data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
@@ -69,6 +77,10 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     gating.pop("estimator", None)
     guidance = dataclasses.replace(run_config.guidance, **gating)
     tau = guidance.threshold
+    raw_values = dict(chosen.get("guidance", {}).get(RAW_GATING, {}))
+    raw_values.pop("estimator", None)
+    raw_guidance = dataclasses.replace(run_config.guidance, **{"threshold": 0.5, "softness": 0.2, **raw_values,
+                                                               "normalise": False})
     brains = val.brain_masks.numpy() > 0
     lesions = val.masks.numpy() > 0
     subject_healthy = {}
@@ -82,8 +94,11 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     for spec in config.uncertainty_quality:
         label = spec_label(spec)
         _log(f"uncertainty quality: {label}")
-        source, _ = uncertainty_source(spec["name"], network, healthy_images, healthy_brains, True, chosen["seed"],
-                                       spec.get("mode", "pixel"), **(spec.get("options") or {}))
+        normalise = spec.get("mode", "pixel") != "none"
+        spec_guidance = guidance if normalise else raw_guidance
+        source, _ = uncertainty_source(spec["name"], network, healthy_images, healthy_brains, normalise, chosen["seed"],
+                                       spec.get("mode", "pixel") if normalise else "pixel", run_dir,
+                                       **(spec.get("options") or {}))
         z_parts, u_parts = [], []
         for start in range(0, len(val), config.batch_size):
             s = slice(start, min(start + config.batch_size, len(val)))
@@ -96,8 +111,9 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
                                "u_auroc": _safe(pixel_auroc, z[brains], lesions[brains]),
                                "u_auprc": _safe(pixel_auprc, z[brains], lesions[brains])}
         healthy_pixels = brains & slice_healthy[:, None, None, None]
-        row["healthy_false_alarm"] = float((z[healthy_pixels] >= tau).mean()) if healthy_pixels.any() else None
-        scorer = GuidedScorer(network, run_config, "gating", source, guidance=guidance, name=label)
+        row["healthy_false_alarm"] = (float((z[healthy_pixels] >= spec_guidance.threshold).mean())
+                                      if healthy_pixels.any() else None)
+        scorer = GuidedScorer(network, run_config, "gating", source, guidance=spec_guidance, name=label)
         row["gating_val_auprc"] = evaluate_scorer(scorer, on_val, config.batch_size).metrics.get("pixel_auprc")
         rows.append(row)
         for kind in sorted(set(kinds) - {"healthy"}):
@@ -110,14 +126,24 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
                                                 "gating_val_auprc"])
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(quality_markdown(rows, tau, chosen)))
+    atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(
+        quality_markdown(rows, tau, chosen, raw_guidance.threshold)))
     _panels(val, maps, lesions, kinds, Path(config.output_dir) / dataset.name / "figures" / "uncertainty_panels.png")
     atomic_write(out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"threshold": tau, "seed": chosen["seed"], "run": str(run_dir), "specs": config.uncertainty_quality}, indent=2)))
+        {"threshold": tau, "seed": chosen["seed"], "run": str(run_dir), "specs": config.uncertainty_quality,
+         "gating": _gating_choices(chosen)}, indent=2)))
     return atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
-def quality_markdown(rows: list[dict[str, Any]], tau: float, chosen: dict[str, Any]) -> str:
+RAW_GATING = "gating_head"  # the benchmark method whose val-chosen values gate with a raw (unnormalised) u
+
+
+def _gating_choices(chosen: dict[str, Any]) -> dict[str, Any]:
+    guidance = chosen.get("guidance", {})
+    return {"gating": guidance.get("gating"), RAW_GATING: guidance.get(RAW_GATING)}
+
+
+def quality_markdown(rows: list[dict[str, Any]], tau: float, chosen: dict[str, Any], raw_tau: float = 0.5) -> str:
     def cell(value: Any) -> str:
         return "—" if value is None else f"{value:.3f}"
 
@@ -125,7 +151,9 @@ def quality_markdown(rows: list[dict[str, Any]], tau: float, chosen: dict[str, A
     header = ["estimator (healthy-normalised)", "u AUROC", "u AUPRC", f"healthy false alarms (z ≥ {tau:g})",
               "gating val AUPRC"] + [f"u AUROC / AUPRC: {k}" for k in kinds]
     lines = [f"Val split of seed {chosen['seed']} (normalisers fitted on the calibration subjects; metrics on the "
-             "other val subjects; per kind: that kind's lesion subjects with the healthy ones)\n",
+             "other val subjects; per kind: that kind's lesion subjects with the healthy ones; rows marked "
+             f"(raw u) are not normalised: their false alarms count u ≥ {raw_tau:g} and they gate with the "
+             f"val-chosen values of `{RAW_GATING}`)\n",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in rows:
         if r["group"] != "overall":

@@ -1,4 +1,4 @@
-"""``anomorph fit``."""
+"""``anomorph fit`` and ``anomorph fit-head``."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +44,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_head(args: argparse.Namespace) -> int:
+    from ..training.noncorrespondence import HeadSettings, fit_head
+    from .main import _dataclass_from_args
+
+    settings = _dataclass_from_args(HeadSettings, args)
+    out = fit_head(args.run, settings, manifest=args.data, overwrite=args.overwrite)
+    print(f"non-correspondence head: {out} (head.pt, head.json)")
+    print(f"use it: anomorph predict --run {args.run} --guidance gating --estimator noncorrespondence ...")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..training.noncorrespondence import HeadSettings
+    from .main import _add_dataclass_options
+
+    h = sub.add_parser(
+        "fit-head", help="train the learned non-correspondence head (u estimator 'noncorrespondence') of a run",
+        description="Train a small U-Net that reads (x, x̂, x̃) of a trained deformable run and segments synthetic "
+                    "anomalies pasted into its healthy training slices; the run stays frozen. Writes "
+                    "RUN/noncorrespondence/head.pt and head.json.")
+    h.add_argument("--run", type=Path, required=True, help="a trained morphaeus run directory")
+    h.add_argument("--data", type=Path, default=None, help="manifest with the healthy train slices (default: the run's)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing head")
+    _add_dataclass_options(h, HeadSettings)
+    h.set_defaults(func=cmd_fit_head)
+
     p = sub.add_parser(
         "fit", help="train a model from a YAML config",
         description="Train a model. Overrides are KEY=VALUE with dotted keys and YAML values, e.g. "

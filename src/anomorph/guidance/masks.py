@@ -83,3 +83,43 @@ def paste_intensity(images: torch.Tensor, masks: torch.Tensor, generator: torch.
     peak = masks.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
     weight = chosen * masks / peak
     return images * (1 - weight) + level * weight
+
+
+CORRUPTIONS = ("paste", "scale", "foreign")
+
+
+def synthetic_corruption(images: torch.Tensor, generator: torch.Generator, brain_masks: torch.Tensor | None = None,
+                         max_blobs: int = 3, radius_range: tuple[float, float] = (0.03, 0.15),
+                         empty_probability: float = 0.25, min_change: float = 0.05
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic anomalies for training the non-correspondence head: (corrupted x, target).
+
+    ``images`` ``(B, C, H, W)`` in [0, 1]. Each sample gets 0..``max_blobs`` soft elliptical
+    blobs (:func:`synthetic_anomaly_masks`, radii a fraction of the image side, inside the
+    brain mask) and one corruption kind, blended in with the blob as the weight:
+
+    - ``paste``: a constant intensity drawn in [0, 1] (dark CSF-like to bright);
+    - ``scale``: the tissue's own intensity × a factor in [0.3, 0.7] or [1.3, 2.0], clipped
+      to [0, 1] (hypo-/hyper-intense tissue that keeps its texture);
+    - ``foreign``: the same place of another slice of the batch, mirrored left–right (foreign
+      patch: plausible tissue in the wrong place).
+
+    None of these is the phantom's lesion generator. ``target`` ``(B, 1, H, W)`` ∈ {0, 1} is
+    1 inside the blob's half-weight contour where the corruption changed x by at least
+    ``min_change`` (intensity units): invisible changes are not asked for.
+    """
+    b = images.shape[0]
+    device = images.device
+    blobs = synthetic_anomaly_masks((b, 1, *images.shape[2:]), generator, brain_masks, max_blobs, radius_range,
+                                    amplitude_range=(1.0, 1.0), empty_probability=empty_probability).to(device)
+    kind = torch.randint(0, len(CORRUPTIONS), (b,), generator=generator).to(device).view(b, 1, 1, 1)
+    level = torch.rand(b, generator=generator).to(device).view(b, 1, 1, 1)
+    hyper = torch.rand(b, generator=generator).to(device).view(b, 1, 1, 1) < 0.5
+    spread = torch.rand(b, generator=generator).to(device).view(b, 1, 1, 1)
+    factor = torch.where(hyper, 1.3 + 0.7 * spread, 0.3 + 0.4 * spread)
+    foreign = images.roll(1, dims=0).flip(-1)
+    replacement = torch.where(kind == 0, level.expand_as(images),
+                              torch.where(kind == 1, (images * factor).clamp(0, 1), foreign))
+    corrupted = images * (1 - blobs) + replacement * blobs
+    changed = (corrupted - images).abs().amax(1, keepdim=True) >= min_change
+    return corrupted, ((blobs >= 0.5) & changed).float()

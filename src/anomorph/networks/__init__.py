@@ -15,6 +15,7 @@ from anomorph.networks.deformation import (
 )
 from anomorph.networks.factory import NETWORKS, build_network, network_arguments
 from anomorph.networks.morphaeus import MorphAEus
+from anomorph.networks.noncorrespondence import NonCorrespondenceNet
 from anomorph.networks.outputs import ModelOutput
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Encoder",
     "ModelOutput",
     "MorphAEus",
+    "NonCorrespondenceNet",
     "NETWORKS",
     "PixelWarp",
     "VariationalAutoEncoder",

@@ -29,7 +29,8 @@ def signal_function(model, normalise: bool) -> Callable[[nn.Module, torch.Tensor
 
 def uncertainty_source(estimator: str | UncertaintyEstimator, network: nn.Module, healthy_images: torch.Tensor,
                        healthy_brains: torch.Tensor, normalise: bool = True, seed: int = 0,
-                       mode: str = "pixel", **options) -> tuple[Callable[[nn.Module, torch.Tensor, torch.Tensor], GuidanceSignal], object]:
+                       mode: str = "pixel", run_dir: str | Path | None = None,
+                       **options) -> tuple[Callable[[nn.Module, torch.Tensor, torch.Tensor], GuidanceSignal], object]:
     """(signal function for :class:`~.strategies.GuidedScorer`, the fitted estimator/normaliser).
 
     With ``normalise`` the estimator's raw map is z-scored per pixel against its statistics on
@@ -37,8 +38,10 @@ def uncertainty_source(estimator: str | UncertaintyEstimator, network: nn.Module
     from that z-score (``guidance.threshold`` in healthy standard deviations); without it the
     mask is cut from u itself (threshold in [0, 1]). ``estimator``: a name (built with
     ``seed`` and ``options``) or an estimator instance. ``mode``: the normaliser's "pixel" (same
-    model-grid pixel) or "tissue" (same intensity × gradient bin of x̂) statistics."""
-    base = build_estimator(estimator, seed=seed, **options) if isinstance(estimator, str) else estimator
+    model-grid pixel) or "tissue" (same intensity × gradient bin of x̂) statistics. ``run_dir``:
+    the trained run, for estimators that read files of it (``ensemble``, ``noncorrespondence``)."""
+    base = (build_estimator_for_run(estimator, run_dir, {"seed": seed, **options}) if isinstance(estimator, str)
+            else estimator)
     model = HealthyNormaliser.fit(base, network, healthy_images, healthy_brains, mode=mode) if normalise else base
     return signal_function(model, normalise), model
 
@@ -70,8 +73,11 @@ def residual_normaliser(network: nn.Module, healthy_images: torch.Tensor, health
 
 def build_estimator_for_run(name: str, run_dir: str | Path | None, options: Mapping[str, Any] | None = None
                             ) -> UncertaintyEstimator:
-    """``build_estimator(name, **options)``; the ``ensemble`` estimator gets ``run_dir``."""
+    """``build_estimator(name, **options)``; the ``ensemble`` and ``noncorrespondence``
+    estimators get ``run_dir`` (the ensemble directory; the run holding the head)."""
     options = dict(options or {})
+    if name == "noncorrespondence" and "head" not in options:
+        options.setdefault("run_dir", None if run_dir is None else str(run_dir))
     if name == "ensemble" and "members" not in options:
         run = options.get("run_dir", run_dir)
         if run is None or not is_ensemble(run):

@@ -11,11 +11,12 @@ name               raw map                                                     u
 ``residual_z``     prior residual |x − x̂| (÷ predicted std when available)    intensity / σ
 ``deformation``    |log det Jφ| or ‖d‖ of the unguided registration             — / pixels
 ``warped_residual``  registered residual |x − x̃| of the unguided registration  intensity
+``noncorrespondence``  −log(1 − p), p = learned head's P(no healthy counterpart)  nats
 =================  ==========================================================  ==============
 
 Intensities are those of the [0, 1] model-grid images; for C > 1 channels the raw map is the
 root mean square over channels. The first six never read the registration's result. The last
-two describe the *unguided* registration (φ, or |x − x̃|): they depend on φ, so they may only
+three describe the *unguided* registration (φ, |x − x̃|, or a head reading x̃): they depend on φ, so they may only
 guide a second registration at inference (every guided strategy registers again), never a
 training loss (SPEC §3 pitfalls).
 """
@@ -717,6 +718,52 @@ class WarpedResidualEstimator(UncertaintyEstimator):
         return channel_rms((images - out.warped).abs()), {"reconstruction": out.reconstruction}
 
 
+class NonCorrespondenceEstimator(UncertaintyEstimator):
+    """A learned head's belief that a pixel of x has no healthy counterpart (MorphAEus only).
+
+    The head (:class:`~anomorph.networks.NonCorrespondenceNet`, trained by ``anomorph fit-head``
+    on healthy training slices with synthetic anomalies) reads (x, x̂, x̃) of the unguided
+    pass and outputs a logit ℓ; the raw map is −log(1 − p) = softplus(ℓ), p = sigmoid(ℓ): ≥ 0,
+    ≈ 0 where the head is sure the tissue corresponds, ≈ ℓ where it is sure it does not.
+    Options: ``run_dir`` (the run whose ``noncorrespondence/`` folder holds the head) or
+    ``head`` (a network). Depends on φ through x̃: inference only. Cost: one full pass + the
+    head. ``scale`` default 1 nat (p = 0.63 → u = 0.63).
+    """
+
+    name = "noncorrespondence"
+    units = "nats: −log(1 − p)"
+    default_scale = 1.0
+
+    def __init__(self, run_dir: str | Path | None = None, head: nn.Module | None = None, seed: int = 0,
+                 scale: float | None = None) -> None:
+        super().__init__(seed, scale)
+        if head is None and run_dir is None:
+            raise ConfigError("noncorrespondence: give run_dir=RUN (with a head trained by "
+                             "`anomorph fit-head --run RUN`) or head=network")
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self._head = head
+
+    @property
+    def head(self) -> nn.Module:
+        if self._head is None:
+            from ..runs import load_head
+
+            self._head = load_head(self.run_dir)[0]
+        return self._head
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "run_dir": None if self.run_dir is None else str(self.run_dir)}
+
+    def estimate(self, network, images, generator):
+        _require_deformable(self.name, network, "the non-correspondence head")
+        head = self.head.to(images.device)
+        out = network(images)
+        with eval_mode(head):
+            logits = head(images, out.reconstruction, out.warped)
+        return torch.nn.functional.softplus(logits), {"reconstruction": out.reconstruction,
+                                                      "probability": torch.sigmoid(logits)}
+
+
 # ----------------------------------------------------------------------------- factory
 ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
     "mc_dropout": MCDropoutEstimator,
@@ -727,6 +774,7 @@ ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
     "residual_z": ResidualZEstimator,
     "deformation": DeformationAtypicalityEstimator,
     "warped_residual": WarpedResidualEstimator,
+    "noncorrespondence": NonCorrespondenceEstimator,
 }
 
 
