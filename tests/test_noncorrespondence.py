@@ -95,3 +95,29 @@ def test_fit_head_refuses_bad_settings_and_a_missing_head_names_the_command(tmp_
     estimator = build_estimator("noncorrespondence", run_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="anomorph fit-head"):
         estimator(network, torch.rand(1, 1, 32, 32))
+
+
+def test_fit_head_calibrate_and_predict_from_the_cli(tiny_calibrated_run, tiny_phantom, tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from anomorph.cli.main import main
+    from anomorph.data.manifest import read_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_calibrated_run, run)
+    assert main(["fit-head", "--run", str(run), "--steps", "2", "--batch-size", "4", "--draws", "1",
+                 "--channels", "4", "8"]) == 0
+    assert (run / "noncorrespondence" / "head.pt").is_file()
+    assert main(["calibrate", "--run", str(run), "--guidance", "gating", "--estimator", "noncorrespondence"]) == 0
+    row = next(r for r in read_manifest(tiny_phantom) if r.split == "test" and r.mask)
+    assert main(["predict", "--run", str(run), "--guidance", "gating", "--estimator", "noncorrespondence",
+                 str(row.image), "--brain-mask", str(row.brain_mask), "--out", str(tmp_path / "pred")]) == 0
+    u = np.asarray(nib.load(str(next((tmp_path / "pred").rglob("*uncertainty*.nii.gz")))).dataobj)
+    assert u.min() >= 0 and u.max() <= 1 and u.max() > 0
+    capsys.readouterr()
+    # a run without a head: one line naming the command that trains it, exit 2
+    code = main(["predict", "--run", str(tiny_calibrated_run), "--guidance", "gating", "--estimator",
+                 "noncorrespondence", str(row.image), "--out", str(tmp_path / "pred2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -76,8 +76,8 @@ def build_estimator_for_run(name: str, run_dir: str | Path | None, options: Mapp
     """``build_estimator(name, **options)``; the ``ensemble`` and ``noncorrespondence``
     estimators get ``run_dir`` (the ensemble directory; the run holding the head)."""
     options = dict(options or {})
-    if name == "noncorrespondence" and "head" not in options:
-        options.setdefault("run_dir", None if run_dir is None else str(run_dir))
+    if name == "noncorrespondence" and "head" not in options and run_dir is not None:
+        options["run_dir"] = str(run_dir)  # the head lives in the run: never a stale saved path
     if name == "ensemble" and "members" not in options:
         run = options.get("run_dir", run_dir)
         if run is None or not is_ensemble(run):
