@@ -234,3 +234,15 @@ def test_demo_takes_the_guided_row_that_was_best_on_val(tmp_path):
         "method,run,params,pixel_auprc,chosen\n"
         "gating,x,{},0.30,True\ngating,x,{},0.50,False\nmap,x,{},0.40,True\ntto,x,{},0.90,True\n")
     assert best_guided_on_val(tmp_path) == ("map", {"threshold": 2.0, "map_lambda": 0.1})
+
+
+def test_row_fingerprint_includes_the_head_settings_only_for_rows_that_use_the_head(tmp_path):
+    from anomorph.benchmark.runner import method_setup
+
+    config = _selection_config(tmp_path)
+    config.selection["guidance_grid"]["gating"]["estimator"] = ["residual_z", "noncorrespondence"]
+    gating, tto = config.methods[1], config.methods[2]
+    before = method_setup(config, gating), method_setup(config, tto)
+    config.head = {**config.head, "steps": 3}
+    assert method_setup(config, gating) != before[0]  # a re-trained head: its rows are scored again
+    assert method_setup(config, tto) == before[1]

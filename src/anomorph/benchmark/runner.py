@@ -125,23 +125,30 @@ def dataset_methods(config: "BenchmarkConfig", dataset: DatasetSpec) -> list[Met
     return [m for m in config.methods if m.name in wanted]
 
 
-def method_setup(method: MethodSpec, chosen_values: dict[str, Any] | None = None) -> str:
-    """A fingerprint of what a row computes: its method spec and val-chosen values (JSON)."""
+def method_uses_head(config: "BenchmarkConfig", method: MethodSpec) -> bool:
+    """Whether the row can use the learned non-correspondence head (its estimator, or a value of
+    its ``estimator`` grid, is ``noncorrespondence``)."""
+    grid = (config.selection or {}).get("guidance_grid", {}).get(method.name, {})
+    return method.kind == "guided" and (method.estimator == "noncorrespondence"
+                                        or "noncorrespondence" in grid.get("estimator", []))
+
+
+def method_setup(config: "BenchmarkConfig", method: MethodSpec, chosen_values: dict[str, Any] | None = None) -> str:
+    """A fingerprint of what a row computes (JSON): its method spec, its val-chosen values and,
+    when it can use the learned head, the head's training settings."""
     import json
 
-    return json.dumps({**dataclasses.asdict(method), "chosen": chosen_values or {}}, sort_keys=True, default=str)
+    head = config.head if method_uses_head(config, method) else None
+    return json.dumps({**dataclasses.asdict(method), "chosen": chosen_values or {}, **({"head": head} if head else {})},
+                      sort_keys=True, default=str)
 
 
 def uses_head(config: "BenchmarkConfig", base: str) -> bool:
     """Whether any row on the run of method ``base`` (or the u-quality table) needs the learned
-    non-correspondence head (estimator ``noncorrespondence``)."""
-    name = "noncorrespondence"
-    grid = (config.selection or {}).get("guidance_grid", {})
-    for m in config.methods:
-        if m.kind == "guided" and (m.run == base or m.name == base):
-            if m.estimator == name or name in grid.get(m.name, {}).get("estimator", []):
-                return True
-    return base == config.reference and any(spec.get("name") == name for spec in config.uncertainty_quality)
+    non-correspondence head."""
+    rows = [m for m in config.methods if m.kind == "guided" and (m.run == base or m.name == base)]
+    return any(method_uses_head(config, m) for m in rows) or (
+        base == config.reference and any(spec.get("name") == "noncorrespondence" for spec in config.uncertainty_quality))
 
 
 def ensure_head(config: "BenchmarkConfig", base: str, run_dir: Path) -> None:
@@ -357,7 +364,7 @@ def seed_setup(config: BenchmarkConfig, dataset: DatasetSpec, chosen: dict[str, 
     """{row method: :func:`method_setup`}: a seed's metrics.json is reused only while this matches."""
     guidance = (chosen or {}).get("guidance", {})
     train = (chosen or {}).get("train", {})
-    return {m.name: method_setup(m, {"guidance": guidance.get(m.name), "train": train.get(m.name)})
+    return {m.name: method_setup(config, m, {"guidance": guidance.get(m.name), "train": train.get(m.name)})
             for m in dataset_methods(config, dataset)}
 
 

@@ -80,7 +80,7 @@ def selection_setup(config, spec: SelectionSpec) -> str:
     names = list(dict.fromkeys(list(spec.train_grid) + list(spec.guidance_grid)))
     methods = {m.name: m for m in config.methods}
     return json.dumps({"selection": dataclasses.asdict(spec), "calibration_fraction": config.calibration_fraction,
-                       "methods": {n: method_setup(methods[n]) for n in names}}, sort_keys=True)
+                       "methods": {n: method_setup(config, methods[n]) for n in names}}, sort_keys=True)
 
 
 def read_search(path: Path) -> dict[tuple[str, str, str, str], dict[str, Any]]:
@@ -154,7 +154,7 @@ def run_selection(config, dataset) -> dict[str, Any]:
                               if data.calibration is not None else []}
 
     def score(make_scorer, method: str, run_label: str, params: dict[str, Any]) -> float:
-        key = (method, run_label, json.dumps(params, sort_keys=True), method_setup(methods[method]))
+        key = (method, run_label, json.dumps(params, sort_keys=True), method_setup(config, methods[method]))
         if key in cache:
             metrics = cache[key]
         else:
