@@ -246,3 +246,14 @@ def test_row_fingerprint_includes_the_head_settings_only_for_rows_that_use_the_h
     config.head = {**config.head, "steps": 3}
     assert method_setup(config, gating) != before[0]  # a re-trained head: its rows are scored again
     assert method_setup(config, tto) == before[1]
+
+
+def test_the_committed_val_search_is_in_the_repository():
+    """The demo's guided row comes from the committed val search; a clean clone must have it
+    (it was once hidden by a `phantom/` ignore pattern)."""
+    from anomorph.benchmark.demo import _configs, best_guided_on_val
+
+    folder = _configs().parent / "benchmarks" / "results" / "phantom" / "selection"
+    assert (folder / "chosen.json").is_file() and (folder / "search.csv").is_file()
+    strategy, values = best_guided_on_val()
+    assert values, "the demo fell back to config defaults"
