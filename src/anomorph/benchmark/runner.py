@@ -67,7 +67,9 @@ class MethodSpec:
     kind "guided": the run of method ``run`` (or its own ``config`` when the strategy needs its
     own training, e.g. "conditioned") scored with ``strategy`` and ``estimator``;
     ``oracle_guided`` adds the same strategy with m = the dilated ground truth.
-    ``guidance``: GuidanceConfig fields overriding the run's.
+    ``guidance``: GuidanceConfig fields overriding the run's. ``guidance_from``: use the
+    val-chosen guidance values of that method instead of this one's own (the estimator is not
+    copied) — e.g. the ``tto`` control run with exactly the optimiser settings cost masking chose.
     """
 
     name: str
@@ -80,6 +82,7 @@ class MethodSpec:
     oracle_guided: bool = False
     guidance: dict[str, Any] = field(default_factory=dict)
     mode: str = "deviation"
+    guidance_from: str | None = None
 
 
 @dataclass
@@ -133,14 +136,20 @@ def method_uses_head(config: "BenchmarkConfig", method: MethodSpec) -> bool:
                                         or "noncorrespondence" in grid.get("estimator", []))
 
 
-def method_setup(config: "BenchmarkConfig", method: MethodSpec, chosen_values: dict[str, Any] | None = None) -> str:
+#: MethodSpec fields left out of a row's fingerprint while at their default (None), so that
+#: adding such a field to the spec keeps the fingerprints — and the cached results — of every
+#: row that does not use it.
+OPTIONAL_FIELDS = ("guidance_from",)
+
+
+def method_setup(config: "BenchmarkConfig", method: MethodSpec, chosen: dict[str, Any] | None = None) -> str:
     """A fingerprint of what a row computes (JSON): its method spec, its val-chosen values and,
     when it can use the learned head, the head's training settings."""
     import json
 
+    spec = {k: v for k, v in dataclasses.asdict(method).items() if not (k in OPTIONAL_FIELDS and v is None)}
     head = config.head if method_uses_head(config, method) else None
-    return json.dumps({**dataclasses.asdict(method), "chosen": chosen_values or {}, **({"head": head} if head else {})},
-                      sort_keys=True, default=str)
+    return json.dumps({**spec, "chosen": chosen or {}, **({"head": head} if head else {})}, sort_keys=True, default=str)
 
 
 def uses_head(config: "BenchmarkConfig", base: str) -> bool:
@@ -195,6 +204,8 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
             raise ConfigError(f"{path}: method {m.name!r}: kind 'train' needs a config")
         if m.kind == "guided" and not (m.run or m.config):
             raise ConfigError(f"{path}: method {m.name!r}: kind 'guided' needs 'run' (a trained method) or 'config'")
+        if m.guidance_from is not None and m.guidance_from not in names:
+            raise ConfigError(f"{path}: method {m.name!r}: guidance_from {m.guidance_from!r} is not a method of this benchmark")
         if m.kind == "guided" and m.run and m.run not in names:
             raise ConfigError(f"{path}: method {m.name!r}: run {m.run!r} is not a method of this benchmark")
         unknown = set(m.guidance) - {f.name for f in dataclasses.fields(GuidanceConfig)}
@@ -310,6 +321,16 @@ def load_seed_data(config: BenchmarkConfig, manifest: Path, runs: dict[str, Path
     return EvaluationData.load(manifest, slices, config.calibration_fraction)
 
 
+def chosen_values(method: MethodSpec, chosen_guidance: dict[str, Any]) -> dict[str, Any] | None:
+    """The val-chosen guidance values a row uses: its own, or (``guidance_from``) another
+    method's without the estimator."""
+    if method.guidance_from is None:
+        return chosen_guidance.get(method.name)
+    values = dict(chosen_guidance.get(method.guidance_from) or {})
+    values.pop("estimator", None)
+    return values
+
+
 def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict[str, Path], data,
                   chosen: dict[str, Any] | None = None, methods: list[MethodSpec] | None = None) -> list:
     """Every row's scorer for one seed, in the config's order (oracle twins after their method);
@@ -330,7 +351,7 @@ def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict
             scorers.append(Detector.from_run(runs[method.name], guidance="none", calibration=False, name=method.name))
         else:
             scorers.extend(guided_scorers(method, runs[method.name if method.config else method.run], data, seed,
-                                          chosen_guidance.get(method.name)))
+                                          chosen_values(method, chosen_guidance)))
     return scorers
 
 
@@ -364,7 +385,7 @@ def seed_setup(config: BenchmarkConfig, dataset: DatasetSpec, chosen: dict[str, 
     """{row method: :func:`method_setup`}: a seed's metrics.json is reused only while this matches."""
     guidance = (chosen or {}).get("guidance", {})
     train = (chosen or {}).get("train", {})
-    return {m.name: method_setup(config, m, {"guidance": guidance.get(m.name), "train": train.get(m.name)})
+    return {m.name: method_setup(config, m, {"guidance": chosen_values(m, guidance), "train": train.get(m.name)})
             for m in dataset_methods(config, dataset)}
 
 
