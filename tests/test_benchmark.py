@@ -257,3 +257,22 @@ def test_the_committed_val_search_is_in_the_repository():
     assert (folder / "chosen.json").is_file() and (folder / "search.csv").is_file()
     strategy, values = best_guided_on_val()
     assert values, "the demo fell back to config defaults"
+
+
+def test_guidance_from_copies_another_rows_choices_without_its_estimator(tmp_path):
+    from anomorph.benchmark.runner import chosen_values, method_setup
+
+    matched = MethodSpec("tto_matched", "guided", run="morphaeus", strategy="tto", guidance_from="cost_masking")
+    chosen = {"cost_masking": {"estimator": "warped_residual", "map_lambda": 0.1, "threshold": 6.0},
+              "tto": {"map_lambda": 1.0}}
+    assert chosen_values(matched, chosen) == {"map_lambda": 0.1, "threshold": 6.0}
+    assert chosen_values(MethodSpec("tto", "guided", run="morphaeus", strategy="tto"), chosen) == {"map_lambda": 1.0}
+    # an unused optional field does not change a row's fingerprint (cached results stay valid)
+    config = _selection_config(tmp_path)
+    plain = MethodSpec("tto", "guided", run="morphaeus", strategy="tto")
+    assert "guidance_from" not in method_setup(config, plain) and "guidance_from" in method_setup(config, matched)
+    path = tmp_path / "bad.yaml"
+    path.write_text("datasets: [{name: d, manifest: m.csv}]\nmethods:\n"
+                    "  - {name: t, kind: guided, run: t, strategy: tto, guidance_from: nowhere}\n")
+    with pytest.raises(ConfigError, match="guidance_from 'nowhere'"):
+        load_benchmark_config(path)
