@@ -28,7 +28,10 @@ METRICS = (("lpr", "LPR"), ("hrr", "HRR"), ("pixel_auprc", "pixel AUPRC"))
 # source (under --results-dir) -> destination (under --copy); the "phantom/" level is dropped
 # because .gitignore's "phantom/" would hide it
 RESULT_FILES = {"phantom/seed0/metrics.csv": "seed0/metrics.csv", "phantom/seed0/metrics.json": "seed0/metrics.json",
-                "results.csv": "results.csv", "results.md": "results.md"}
+                "results.csv": "results.csv", "results.md": "results.md", "paired.csv": "paired.csv",
+                "paired.md": "paired.md"}
+# the generated CSF-like guidance panel (seed 0), copied next to the 64² panels
+FIGURE = ("phantom/figures/guidance_csf_like.png", "img/phantom128_guidance_csf_like.png")
 
 
 def read_metrics(path: Path) -> dict[tuple[str, str, str], dict[str, float]]:
@@ -48,8 +51,8 @@ def read_metrics(path: Path) -> dict[tuple[str, str, str], dict[str, float]]:
     return table
 
 
-def fmt(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None or math.isnan(value) else format(value, spec)
 
 
 def get(table, method: str, group: tuple[str, str], metric: str) -> float | None:
@@ -89,8 +92,10 @@ def comparison_block(reference: dict, new: dict, reference_path: Path, new_path:
         lines.append(f"| {group[1] if group[0] != 'size' else 'size ' + group[1]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Folding fraction (unguided, all test pixels): 64² "
-                 f"{fmt(get(reference, 'morphaeus', ('overall', 'all'), 'folding_fraction'))}, 128² "
-                 f"{fmt(get(new, 'morphaeus', ('overall', 'all'), 'folding_fraction'))}.")
+                 f"{fmt(get(reference, 'morphaeus', ('overall', 'all'), 'folding_fraction'), '.2e')}, 128² "
+                 f"{fmt(get(new, 'morphaeus', ('overall', 'all'), 'folding_fraction'), '.2e')}. "
+                 "Per-subject paired differences with bootstrap CIs (vs the unguided 128² model, "
+                 "3 test subjects per lesion kind): `benchmarks/results/phantom128/paired.md`.")
     return "\n".join(lines)
 
 
@@ -118,6 +123,9 @@ def main() -> None:
         if (args.results_dir / source).is_file():
             (args.copy / destination).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.results_dir / source, args.copy / destination)
+    figure = args.results_dir / FIGURE[0]
+    if figure.is_file():
+        shutil.copyfile(figure, args.doc.parent / FIGURE[1])
     new_path = args.copy / "seed0/metrics.csv"
     block = comparison_block(read_metrics(args.reference), read_metrics(new_path), args.reference, new_path)
     replace(args.doc, "compare128", block)
