@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,10 @@ from anomorph.networks import (
     jacobian_determinant,
     warp,
 )
-from anomorph.networks.deformation import folding_mask, one_sided_jacobian_determinants
+from anomorph.config import load_config
+from anomorph.networks.blocks import resize_to
+from anomorph.networks.deformation import VelocityHead, folding_mask, one_sided_jacobian_determinants
+from anomorph.runs import network_options
 
 SMALL = dict(channels=(8, 16, 16), strides=(2, 2, 2), latent_dim=16)
 
@@ -347,6 +351,72 @@ def test_head_input_modes(head_inputs):
     model = MorphAEus(image_size=32, head_inputs=head_inputs, head_downsample=0, **SMALL)
     out = model(torch.rand(2, 1, 32, 32))
     assert out.velocity.shape == (2, 2, 32, 32)
+
+
+def upsampled_range_residual(field: torch.Tensor, coarse_shape: tuple[int, int]) -> torch.Tensor:
+    """Relative distance of each channel map of ``field`` (B, C, H, W) from the linear span of
+    ``resize_to(g, (H, W))`` over all fields g of ``coarse_shape``: exact least squares on the
+    (H·W × h·w) matrix of the resize, built from basis images. 0 = representable."""
+    height, width = field.shape[-2:]
+    cells = coarse_shape[0] * coarse_shape[1]
+    basis = torch.eye(cells, dtype=torch.float64).view(cells, 1, *coarse_shape)
+    resize = resize_to(basis, (height, width)).reshape(cells, height * width).T
+    target = field.detach().double().reshape(-1, height * width).T
+    residual = target - resize @ torch.linalg.lstsq(resize, target).solution
+    return residual.norm(dim=0) / target.norm(dim=0)
+
+
+def checkerboard(size: int) -> torch.Tensor:
+    """(−1)^(i+j), (1, 1, size, size): the finest pattern a field on the pixel grid can carry."""
+    index = torch.arange(size)
+    return (1.0 - 2.0 * ((index.view(-1, 1) + index.view(1, -1)) % 2)).float().view(1, 1, size, size)
+
+
+def test_default_velocity_head_is_half_resolution_and_configs_choose_the_head():
+    model = MorphAEus(image_size=32, **SMALL)
+    assert model.velocity_head.downsample == 1
+    torch.nn.init.normal_(model.velocity_head.velocity.weight, std=0.1)
+    torch.nn.init.normal_(model.velocity_head.velocity.bias, std=0.1)
+    model.eval()
+    velocity = model(smooth_image()).velocity
+    assert velocity.shape == (2, 2, 32, 32)
+    # the default head's v is a 16² field resized to 32²: exactly in the span of such resizes
+    assert upsampled_range_residual(velocity, (16, 16)).max() < 1e-4
+    for path, size, level in [("configs/morphaeus.yaml", 64, 1), ("configs/morphaeus_128.yaml", 128, 0)]:
+        config = load_config(Path(__file__).resolve().parents[1] / path)
+        assert config.data.size == size
+        assert build_network(network_options(config)).velocity_head.downsample == level
+
+
+def test_full_resolution_velocity_head_has_detail_the_half_resolution_head_cannot_represent():
+    torch.manual_seed(0)
+    model = MorphAEus(image_size=32, head_downsample=0, **SMALL)
+    torch.nn.init.normal_(model.velocity_head.velocity.weight, std=0.1)
+    model.eval()
+    velocity = model(smooth_image()).velocity
+    assert velocity.shape == (2, 2, 32, 32) and velocity.dtype == torch.float32
+    assert upsampled_range_residual(velocity, (16, 16)).min() > 0.05
+    # analytic: no 8² field resized to 16² comes close to the pixel checkerboard, so a half-
+    # resolution head cannot output it whatever its weights; the full-resolution head can
+    # learn it from an input that carries it.
+    board = checkerboard(16)
+    assert upsampled_range_residual(board, (8, 8)).item() > 0.9
+    target = torch.cat([board, torch.zeros_like(board)], dim=1)
+    image, prior = (board + 1) / 2, torch.zeros_like(board)
+    errors = {}
+    for downsample in (0, 1):
+        torch.manual_seed(0)
+        head = VelocityHead(channels=(8, 8), downsample=downsample)
+        optimiser = torch.optim.Adam(head.parameters(), lr=0.01)
+        for _ in range(300):
+            optimiser.zero_grad()
+            loss = (head(image, prior) - target).pow(2).mean()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            errors[downsample] = ((head(image, prior) - target).norm() / target.norm()).item()
+    assert errors[0] < 0.1
+    assert errors[1] > 0.9
 
 
 def test_deform_and_integrate_methods_follow_the_warp_convention():

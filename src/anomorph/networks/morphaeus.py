@@ -31,7 +31,10 @@ class MorphAEus(nn.Module):
             [+ m]) or "both" (default).
         head_channels: velocity U-Net widths per level (``len - 1`` stride-2 levels).
         head_downsample: the head's finest level works at ``1 / 2**head_downsample`` of the
-            image size (default 1: half resolution; the velocity is resized to full resolution).
+            image size (default 1: half resolution; the velocity is resized to full resolution,
+            so it cannot carry detail finer than 2 pixels). 0 = a full-resolution head: v is
+            predicted at the image size itself (configs/morphaeus_128.yaml); its finest level
+            has 4x the pixels of the default's.
         head_feature_levels: how many of the finest decoder feature maps the head reads; each
             is fused into the head level of the same resolution.
         head_norm, head_act: normalisation / activation inside the velocity head.
