@@ -236,7 +236,9 @@ _FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakr
 
 
 def folded_prior(prior: nn.Module, channels_last: bool = False) -> nn.Module:
-    """:func:`~anomorph.networks.blocks.fold_batch_norm` of ``prior``, cached until any of its
+    """:func:`~anomorph.networks.blocks.fold_batch_norm` of ``prior``, its output layer (a
+    transposed convolution to few channels) as a sub-pixel convolution
+    (:func:`~anomorph.networks.blocks.sub_pixel_output_layers`), cached until any of its
     parameters or buffers changes (storage or in-place version), e.g. by training.
     ``channels_last``: the copy's 4-d weights are stored channels-last (oneDNN's native layout
     on CPUs; feed it channels-last inputs)."""
@@ -245,9 +247,9 @@ def folded_prior(prior: nn.Module, channels_last: bool = False) -> nn.Module:
     cached = _FOLDED.get(prior)
     if cached is not None and cached[0] == key:
         return cached[1]
-    from ..networks.blocks import fold_batch_norm
+    from ..networks.blocks import fold_batch_norm, sub_pixel_output_layers
 
-    folded = fold_batch_norm(prior)
+    folded = sub_pixel_output_layers(fold_batch_norm(prior))
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
     _FOLDED[prior] = (key, folded)
