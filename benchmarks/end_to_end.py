@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "benchmarks/end_to_end.py", *sys.argv[1:]]),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
