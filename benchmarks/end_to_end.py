@@ -13,6 +13,9 @@ In one process, on a small phantom (default 64², the demo's subject counts):
   epoch rate is compared with (``epoch_vs_step``; target ≥ 0.8).
 - **predict**: ``anomorph.predict_files`` of the trained AE on a 128×128×N NIfTI (a phantom test
   volume resampled in-plane to 128²), unguided, outputs written as the CLI does; scans/min.
+- **guided predict**: the deformable run of the largest size, calibrated, with ``none`` and every
+  strategy a plain deformable run can use, interleaved; cost vs unguided per round.
+- **evaluate**: ``anomorph.evaluate`` of every run on the phantom's test split; slices/s.
 
 Writes a markdown table to stdout and, with ``--json PATH``, one JSON object. Default run: about
 2–3 minutes on 2 CPU cores. Nothing here is a test: speed is never asserted.
@@ -174,16 +177,26 @@ def make_nifti(manifest: Path, out: Path, size: int = 128) -> tuple[Path, tuple[
     return path, tuple(int(s) for s in resampled.shape)
 
 
-def measure_predict(run_dir: Path, scan: Path, out: Path, repeats: int) -> dict[str, Any]:
-    from anomorph.evaluation.inference import ModelScorer
+def _predict(scorer, scan: Path, out: Path) -> None:
+    """``predict_files`` into a fresh folder: a folder with complete outputs would be skipped
+    (predict never replaces outputs without ``overwrite``) and time nothing."""
     from anomorph.evaluation.predict import predict_files
 
+    skipped: list[str] = []
+    predict_files(scorer, [scan], out, skipped=skipped)
+    if skipped:
+        raise RuntimeError(f"end_to_end: {out} already held the outputs of {skipped}; use a fresh --out")
+
+
+def measure_predict(run_dir: Path, scan: Path, out: Path, repeats: int) -> dict[str, Any]:
+    from anomorph.evaluation.inference import ModelScorer
+
     scorer = ModelScorer.from_run(run_dir)
-    predict_files(scorer, [scan], out / "predict_warmup")
+    _predict(scorer, scan, out / "predict_warmup")
     times = []
     for index in range(repeats):
         start = time.perf_counter()
-        predict_files(scorer, [scan], out / f"predict{index}")
+        _predict(scorer, scan, out / f"predict{index}")
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {"strategy": "unguided", "seconds_per_scan": median, "scans_per_min": 60.0 / median,
@@ -206,7 +219,6 @@ def measure_guided_predict(run_dir: Path, scan: Path, out: Path, repeats: int,
     The strategies are timed interleaved (one call of each per repeat, after one warm-up call
     each), so every cost ratio vs ``none`` is taken per repeat, under the same load."""
     from anomorph.evaluation.calibrate import calibrate
-    from anomorph.evaluation.predict import predict_files
     from anomorph.scoring.detector import Detector
 
     start = time.perf_counter()
@@ -214,12 +226,12 @@ def measure_guided_predict(run_dir: Path, scan: Path, out: Path, repeats: int,
     calibrate_s = time.perf_counter() - start
     detectors = {name: Detector.from_run(run_dir, guidance=name) for name in strategies}
     for name, detector in detectors.items():
-        predict_files(detector, [scan], out / f"guided_warmup_{name}")
+        _predict(detector, scan, out / f"guided_warmup_{name}")
     times: dict[str, list[float]] = {name: [] for name in strategies}
     for index in range(repeats):
         for name, detector in detectors.items():
             t0 = time.perf_counter()
-            predict_files(detector, [scan], out / f"guided{index}_{name}")
+            _predict(detector, scan, out / f"guided{index}_{name}")
             times[name].append(time.perf_counter() - t0)
     rows = []
     for name in strategies:
@@ -309,14 +321,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if model == "ae" and args.predict_repeats > 0:
                 start = time.perf_counter()
                 scan, shape = make_nifti(manifest, out)
-                entry = measure_predict(run_dir, scan, out, args.predict_repeats)
+                entry = measure_predict(run_dir, scan, out / f"predict-{model}-{size}", args.predict_repeats)
                 entry.update(model=f"{model} ({size}²)", scan_shape=list(shape), load_average=load_average())
                 results["predict"].append(entry)
                 stages[f"predict {model} {size}"] = time.perf_counter() - start
             if model == "morphaeus" and args.guided_repeats > 0 and size == max(args.sizes):
                 start = time.perf_counter()
                 scan, shape = make_nifti(manifest, out)
-                for entry in measure_guided_predict(run_dir, scan, out, args.guided_repeats, args.strategies):
+                for entry in measure_guided_predict(run_dir, scan, out / f"guided-{model}-{size}", args.guided_repeats,
+                                                    args.strategies):
                     entry.update(model=f"{model} ({size}²)", scan_shape=list(shape), load_average=load_average())
                     results["predict"].append(entry)
                 stages[f"guided predict {model} {size}"] = time.perf_counter() - start

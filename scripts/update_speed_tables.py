@@ -63,10 +63,10 @@ def e2e_block(data: dict, command: str) -> str:
 
 
 def replace_block(text: str, name: str, block: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"update_speed_tables: no <!-- {name}:begin --> ... <!-- {name}:end --> markers in the README")
-    return pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + block.rstrip("\n") + "\n" + m.group(2), text)
 
 
 def main(argv: list[str] | None = None) -> int:
