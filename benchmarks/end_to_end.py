@@ -13,6 +13,9 @@ In one process, on a small phantom (default 64², the demo's subject counts):
   epoch rate is compared with (``epoch_vs_step``; target ≥ 0.8).
 - **predict**: ``anomorph.predict_files`` of the trained AE on a 128×128×N NIfTI (a phantom test
   volume resampled in-plane to 128²), unguided, outputs written as the CLI does; scans/min.
+- **guided predict**: the deformable run of the largest size, calibrated, with ``none`` and every
+  strategy a plain deformable run can use, interleaved; cost vs unguided per round.
+- **evaluate**: ``anomorph.evaluate`` of every run on the phantom's test split; slices/s.
 
 Writes a markdown table to stdout and, with ``--json PATH``, one JSON object. Default run: about
 2–3 minutes on 2 CPU cores. Nothing here is a test: speed is never asserted.
@@ -174,19 +177,98 @@ def make_nifti(manifest: Path, out: Path, size: int = 128) -> tuple[Path, tuple[
     return path, tuple(int(s) for s in resampled.shape)
 
 
-def measure_predict(run_dir: Path, scan: Path, out: Path, repeats: int) -> dict[str, Any]:
-    from anomorph.evaluation.inference import ModelScorer
+def _predict(scorer, scan: Path, out: Path) -> None:
+    """``predict_files`` into a fresh folder: a folder with complete outputs would be skipped
+    (predict never replaces outputs without ``overwrite``) and time nothing."""
     from anomorph.evaluation.predict import predict_files
 
+    skipped: list[str] = []
+    predict_files(scorer, [scan], out, skipped=skipped)
+    if skipped:
+        raise RuntimeError(f"end_to_end: {out} already held the outputs of {skipped}; use a fresh --out")
+
+
+def measure_predict(run_dir: Path, scan: Path, out: Path, repeats: int) -> dict[str, Any]:
+    from anomorph.evaluation.inference import ModelScorer
+
     scorer = ModelScorer.from_run(run_dir)
-    predict_files(scorer, [scan], out / "predict_warmup")
+    _predict(scorer, scan, out / "predict_warmup")
     times = []
     for index in range(repeats):
         start = time.perf_counter()
-        predict_files(scorer, [scan], out / f"predict{index}")
+        _predict(scorer, scan, out / f"predict{index}")
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {"strategy": "unguided", "seconds_per_scan": median, "scans_per_min": 60.0 / median,
+            "samples_s": [round(t, 3) for t in times]}
+
+
+#: guided predict: every strategy of anomorph.scoring.strategies.STRATEGIES a plain deformable
+#: run can score with ("conditioned" needs a model trained for it)
+def guided_strategies() -> list[str]:
+    from anomorph.scoring.strategies import STRATEGIES
+
+    return [name for name, cls in STRATEGIES.items() if not cls.needs_conditioned_model]
+
+
+def measure_guided_predict(run_dir: Path, scan: Path, out: Path, repeats: int,
+                           strategies: Sequence[str]) -> list[dict[str, Any]]:
+    """``predict_files`` of the deformable run with each strategy (``none`` = unguided), after
+    ``anomorph.calibrate`` of the run (healthy statistics of u and of the registered residual;
+    the run's guidance values otherwise: estimator residual_z, threshold 3, map_steps 30, rounds 2).
+    The strategies are timed interleaved (one call of each per repeat, after one warm-up call
+    each), so every cost ratio vs ``none`` is taken per repeat, under the same load."""
+    from anomorph.evaluation.calibrate import calibrate
+    from anomorph.scoring.detector import Detector
+
+    start = time.perf_counter()
+    calibrate(run_dir)
+    calibrate_s = time.perf_counter() - start
+    detectors = {name: Detector.from_run(run_dir, guidance=name) for name in strategies}
+    for name, detector in detectors.items():
+        _predict(detector, scan, out / f"guided_warmup_{name}")
+    times: dict[str, list[float]] = {name: [] for name in strategies}
+    for index in range(repeats):
+        for name, detector in detectors.items():
+            t0 = time.perf_counter()
+            _predict(detector, scan, out / f"guided{index}_{name}")
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name in strategies:
+        median = statistics.median(times[name])
+        ratios = [t / u for t, u in zip(times[name], times["none"])] if "none" in times else []
+        g = detectors[name].guidance
+        rows.append({"strategy": "unguided" if name == "none" else name, "seconds_per_scan": median,
+                     "scans_per_min": 60.0 / median, "samples_s": [round(t, 3) for t in times[name]],
+                     "vs_unguided": statistics.median(ratios) if ratios else None,
+                     "vs_unguided_min": min(ratios) if ratios else None,
+                     "vs_unguided_max": max(ratios) if ratios else None,
+                     "estimator": g.estimator if name != "none" else None,
+                     "map_steps": g.map_steps if name in ("map", "cost_masking", "tto") else None,
+                     "rounds": g.rounds if name == "iterative" else None,
+                     "calibrate_s": calibrate_s})
+    return rows
+
+
+def measure_evaluate(run_dir: Path, manifest: Path, out: Path, repeats: int) -> dict[str, Any]:
+    """``anomorph.evaluate`` of one run on the phantom's test split (no oracle rows, no report):
+    test slices per second, median of ``repeats`` calls after one warm-up call (data loading,
+    scoring, metrics and the metrics files included)."""
+    from anomorph.evaluation.api import evaluate
+
+    def once(index: int):
+        return evaluate(runs=[run_dir], manifest=manifest, out_dir=out / f"evaluate{index}", oracle=False,
+                        report=False)
+
+    result = once(0)
+    n_slices = int(result.results[0].metrics.get("n_slices", 0))
+    times = []
+    for index in range(repeats):
+        t0 = time.perf_counter()
+        once(index + 1)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"test_slices": n_slices, "seconds": median, "slices_per_s": n_slices / median if median else None,
             "samples_s": [round(t, 3) for t in times]}
 
 
@@ -203,14 +285,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "benchmarks/end_to_end.py", *sys.argv[1:]]),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "settings": {"models": list(args.models), "sizes": list(args.sizes), "epochs": args.epochs,
                      "step_seconds": args.step_seconds, "predict_repeats": args.predict_repeats,
+                     "guided_repeats": args.guided_repeats, "strategies": list(args.strategies),
+                     "evaluate_repeats": args.evaluate_repeats,
                      "overrides": list(args.overrides), "phantom": PHANTOM, "out": str(out)},
         "load_average": {"start": load_average()},
-        "fit": [], "predict": [],
+        "fit": [], "predict": [], "evaluate": [],
     }
     stages: dict[str, float] = {}
     for size in args.sizes:
@@ -227,13 +312,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stages[f"fit+step {model} {size}"] = time.perf_counter() - start
             print(f"  {model} {size}²: {figures['seconds_per_epoch']:.2f} s/epoch, {figures['images_per_s']:.1f} img/s "
                   f"vs step {step['images_per_s']:.1f} img/s (load {load_average()})", file=sys.stderr, flush=True)
+            if args.evaluate_repeats > 0:
+                start = time.perf_counter()
+                entry = measure_evaluate(run_dir, manifest, out / f"eval-{model}-{size}", args.evaluate_repeats)
+                entry.update(model=model, size=size, load_average=load_average())
+                results["evaluate"].append(entry)
+                stages[f"evaluate {model} {size}"] = time.perf_counter() - start
             if model == "ae" and args.predict_repeats > 0:
                 start = time.perf_counter()
                 scan, shape = make_nifti(manifest, out)
-                entry = measure_predict(run_dir, scan, out, args.predict_repeats)
-                entry.update(model=f"{model} ({size}²)", scan_shape=list(shape))
+                entry = measure_predict(run_dir, scan, out / f"predict-{model}-{size}", args.predict_repeats)
+                entry.update(model=f"{model} ({size}²)", scan_shape=list(shape), load_average=load_average())
                 results["predict"].append(entry)
                 stages[f"predict {model} {size}"] = time.perf_counter() - start
+            if model == "morphaeus" and args.guided_repeats > 0 and size == max(args.sizes):
+                start = time.perf_counter()
+                scan, shape = make_nifti(manifest, out)
+                for entry in measure_guided_predict(run_dir, scan, out / f"guided-{model}-{size}", args.guided_repeats,
+                                                    args.strategies):
+                    entry.update(model=f"{model} ({size}²)", scan_shape=list(shape), load_average=load_average())
+                    results["predict"].append(entry)
+                stages[f"guided predict {model} {size}"] = time.perf_counter() - start
     results["stages_s"] = stages
     results["load_average"]["end"] = load_average()
     return results
@@ -251,11 +350,19 @@ def format_tables(results: dict[str, Any]) -> str:
                      f"{f['step']['images_per_s']:.1f} | {f['epoch_vs_step']:.2f} | {s['batches_s']:.2f} s | "
                      f"{s['data_s']:.2f} s | {s['validation_s']:.2f} s | {s['other_s']:.2f} s |")
     if results["predict"]:
-        lines += ["", "| predict | scan | strategy | s/scan | scans/min |", "|---|---|---|---|---|"]
+        lines += ["", "| predict | scan | strategy | s/scan | scans/min | vs unguided (median [min–max]) |",
+                  "|---|---|---|---|---|---|"]
         for p in results["predict"]:
             shape = "×".join(str(s) for s in p["scan_shape"])
+            ratio = "—" if p.get("vs_unguided") is None else (
+                f"{p['vs_unguided']:.2f}x [{p['vs_unguided_min']:.2f}–{p['vs_unguided_max']:.2f}]")
             lines.append(f"| {p['model']} | {shape} | {p['strategy']} | {p['seconds_per_scan']:.2f} | "
-                         f"{p['scans_per_min']:.1f} |")
+                         f"{p['scans_per_min']:.1f} | {ratio} |")
+    if results.get("evaluate"):
+        lines += ["", "| evaluate | size | test slices | s | slices/s |", "|---|---|---|---|---|"]
+        for e in results["evaluate"]:
+            lines.append(f"| {e['model']} | {e['size']}² | {e['test_slices']} | {e['seconds']:.2f} | "
+                         f"{e['slices_per_s']:.1f} |")
     lines += ["", "stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["stages_s"].items())]
     return "\n".join(lines)
 
@@ -267,10 +374,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="fit epochs; the first is warm-up (default 3)")
     parser.add_argument("--step-seconds", type=float, default=6.0, help="timed seconds of raw steps (default 6)")
     parser.add_argument("--predict-repeats", type=int, default=2, help="timed predict calls (default 2; 0 = skip)")
+    parser.add_argument("--guided-repeats", type=int, default=2,
+                        help="timed guided predict calls per strategy, deformable run of the largest size "
+                             "(default 2; 0 = skip)")
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help="guided predict strategies (default: none and every strategy a plain deformable run "
+                             "can score with)")
+    parser.add_argument("--evaluate-repeats", type=int, default=2, help="timed evaluate calls per run (default 2; 0 = skip)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temp folder)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    known = guided_strategies()
+    if args.strategies is None:
+        args.strategies = known
+    unknown = sorted(set(args.strategies) - set(known))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {known}")
+    if "none" not in args.strategies:
+        args.strategies = ["none", *args.strategies]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

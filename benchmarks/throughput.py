@@ -314,6 +314,106 @@ def benchmark_workload(workload: Workload, probe: MatmulProbe, repeats: int, war
     return {"train": train, "inference": inference}
 
 
+# --------------------------------------------------------------------------- training-step variants
+TRAIN_VARIANTS = ("default", "channels_last", "foreach_adam", "fused_adam", "bf16_autocast")
+
+
+class VariantWorkload(Workload):
+    """A :class:`Workload` whose training step runs one variant (same seed, same batch, same
+    initial weights as ``default``): ``channels_last`` (network and batch stored NHWC),
+    ``foreach_adam`` / ``fused_adam`` (``torch.optim.Adam(foreach=True)`` / ``(fused=True)``),
+    ``bf16_autocast`` (forward and loss under ``torch.autocast(device, torch.bfloat16)``)."""
+
+    def __init__(self, variant: str, model: str, size: int, batch_size: int, device: torch.device) -> None:
+        super().__init__(model, size, batch_size, device)
+        self.variant = variant
+        config = self.module.run_config.train
+        if variant == "channels_last":
+            self.network.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        if variant in ("foreach_adam", "fused_adam"):
+            flag = {"foreach": True} if variant == "foreach_adam" else {"fused": True}
+            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr,
+                                              weight_decay=config.weight_decay, **flag)
+
+    def train_step(self) -> float:
+        if self.variant != "bf16_autocast":
+            return super().train_step()
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            out = self.network(self.x)
+            loss = self.module.compute_losses(self.x, out, self.beta)["loss"]
+        loss.float().backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def benchmark_train_variants(model: str, size: int, batch_size: int, device: torch.device, probe: MatmulProbe,
+                             repeats: int, warmup: int, variants: Sequence[str] = TRAIN_VARIANTS,
+                             accuracy_steps: int = 5) -> dict[str, Any]:
+    """The training step of ``model`` at ``size`` in every variant, interleaved: each repeat runs a
+    timed matmul and then one step of each variant in turn (matmul before every step), so the
+    fractions of the matmul rate and the ratios to ``default`` are taken under the same load.
+    Accuracy: from the same initial weights, the losses of ``accuracy_steps`` steps of each
+    variant vs those of ``default`` (largest relative difference), before timing."""
+    flops = count_flops(Workload(model, size, batch_size, device).train_step)
+    workloads = {v: VariantWorkload(v, model, size, batch_size, device) for v in variants}
+    result: dict[str, Any] = {"model": model, "size": size, "batch_size": batch_size,
+                              "flops_per_image": flops / batch_size, "variants": {}}
+    losses: dict[str, list[float]] = {}
+    for name, workload in workloads.items():
+        try:
+            torch.manual_seed(1)  # the same dropout draws for every variant
+            losses[name] = [workload.train_step() for _ in range(accuracy_steps)]
+        except Exception as err:  # noqa: BLE001 - an unsupported variant must not stop the run
+            result["variants"][name] = {"error": f"{type(err).__name__}: {err}"}
+    active = [v for v in workloads if v in losses]
+    for name in active:
+        for _ in range(warmup):
+            workloads[name].train_step()
+    seconds: dict[str, list[float]] = {v: [] for v in active}
+    fractions: dict[str, list[float]] = {v: [] for v in active}
+    for _ in range(repeats):
+        for name in active:
+            reference = probe.flops / timed(probe, probe.device) / 1e9
+            elapsed = timed(workloads[name].train_step, device)
+            seconds[name].append(elapsed)
+            fractions[name].append(flops / elapsed / 1e9 / reference)
+    base = losses.get("default")
+    for name in active:
+        ratios = [d / v for d, v in zip(seconds.get("default", []), seconds[name])]
+        rel = None
+        if base is not None:
+            rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[name], base))
+        result["variants"][name] = {
+            "images_per_s": batch_size / statistics.median(seconds[name]),
+            "seconds_samples": [round(t, 6) for t in seconds[name]],
+            "fraction_of_matmul": _spread(fractions[name]),
+            "speed_vs_default": _spread(ratios) if ratios else None,
+            "losses": losses[name],
+            "max_relative_loss_difference_vs_default": rel,
+        }
+    return result
+
+
+def format_train_variants(entry: dict[str, Any]) -> str:
+    lines = [f"training-step variants ({entry['model']}, {entry['size']}², batch {entry['batch_size']}; "
+             f"interleaved; median [min-max]):",
+             f"  {'variant':<14} {'img/s':>7}  {'of matmul':<22} {'speed vs default':<22} max rel. loss diff (5 steps)"]
+    for name, v in entry["variants"].items():
+        if "error" in v:
+            lines.append(f"  {name:<14} error: {v['error']}")
+            continue
+        f, r = v["fraction_of_matmul"], v["speed_vs_default"]
+        frac = f"{f['median']:.3f} [{f['min']:.3f}-{f['max']:.3f}]"
+        speed = "—" if r is None else f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]"
+        diff = v["max_relative_loss_difference_vs_default"]
+        lines.append(f"  {name:<14} {v['images_per_s']:7.2f}  {frac:<22} {speed:<22} "
+                     + ("—" if diff is None else f"{diff:.1e}"))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- uncertainty hook
 def _find_estimator_builder() -> Callable[..., Any] | None:
     try:
@@ -323,13 +423,29 @@ def _find_estimator_builder() -> Callable[..., Any] | None:
     return getattr(uncertainty, "build_estimator", None)
 
 
+def timed_both(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of ``fn`` (synchronised on CUDA)."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def benchmark_uncertainty(workload: Workload, repeats: int, warmup: int) -> dict[str, Any]:
     """Images/s of each uncertainty estimator and its cost relative to one plain inference pass.
 
     Uses ``anomorph.uncertainty.build_estimator(name, **options)(network, images)`` when it
     exists; otherwise returns ``{"available": False, "reason": ...}``. The plain pass is
-    ``network(images)`` in eval mode under ``torch.no_grad`` (as the estimators run), timed
-    in the same process right before the estimators; every figure is a median of ``repeats``.
+    ``network(images)`` in eval mode under ``torch.no_grad`` (as the estimators run). Every
+    repeat times one plain pass and then one estimator call, back to back, so each ratio is
+    taken under the same load; reported: the median (and min, max) of those per-repeat ratios,
+    by wall time (``cost_vs_plain``) and by the process's CPU time (``cpu_cost_vs_plain``: what
+    the process itself computed, less sensitive to other processes taking the cores).
     """
     builder = _find_estimator_builder()
     if builder is None:
@@ -344,14 +460,14 @@ def benchmark_uncertainty(workload: Workload, repeats: int, warmup: int) -> dict
 
     for _ in range(max(warmup, 1)):
         plain()
-    plain_seconds = statistics.median(timed(plain, device) for _ in range(repeats))
     result: dict[str, Any] = {
         "available": True,
         "size": workload.size,
         "batch_size": workload.batch_size,
-        "plain_images_per_s": workload.batch_size / plain_seconds,
+        "timing": "interleaved: plain pass, then the estimator, per repeat; ratios per repeat",
         "estimators": {},
     }
+    plain_walls: list[float] = []
     deformable = hasattr(network, "velocity_head")
     for name, options in UNCERTAINTY_ESTIMATORS.items():
         entry: dict[str, Any] = {"options": dict(options)}
@@ -369,14 +485,27 @@ def benchmark_uncertainty(workload: Workload, repeats: int, warmup: int) -> dict
 
             for _ in range(max(warmup, 1)):
                 run()
-            seconds = statistics.median(timed(run, device) for _ in range(repeats))
-            entry.update(images_per_s=workload.batch_size / seconds, cost_vs_plain=seconds / plain_seconds)
+            pairs = []
+            for _ in range(repeats):
+                pairs.append((timed_both(plain, device), timed_both(run, device)))
+            walls = [e[0] for _, e in pairs]
+            plain_walls += [p[0] for p, _ in pairs]
+            wall_ratios = [e[0] / p[0] for p, e in pairs]
+            cpu_ratios = [e[1] / p[1] for p, e in pairs if p[1] > 0]
+            entry.update(images_per_s=workload.batch_size / statistics.median(walls),
+                         cost_vs_plain=statistics.median(wall_ratios), cost_vs_plain_spread=_spread(wall_ratios),
+                         cpu_cost_vs_plain=statistics.median(cpu_ratios) if cpu_ratios else None,
+                         cpu_cost_vs_plain_spread=_spread(cpu_ratios) if cpu_ratios else None,
+                         seconds_samples=walls, plain_seconds_samples=[p[0] for p, _ in pairs])
         except Exception as err:  # noqa: BLE001 - a broken estimator must not stop the benchmark
             entry["error"] = f"{type(err).__name__}: {err}"
         result["estimators"][name] = entry
+    if not plain_walls:
+        plain_walls = [timed(plain, device) for _ in range(repeats)]
+    result["plain_images_per_s"] = workload.batch_size / statistics.median(plain_walls)
     mc = result["estimators"].get(UNCERTAINTY_TARGET["estimator"], {})
     if "cost_vs_plain" in mc:
-        result["target"] = {**UNCERTAINTY_TARGET, "value": mc["cost_vs_plain"],
+        result["target"] = {**UNCERTAINTY_TARGET, "value": mc["cost_vs_plain"], "cpu_value": mc["cpu_cost_vs_plain"],
                             "met": mc["cost_vs_plain"] <= UNCERTAINTY_TARGET["max_cost_vs_plain"]}
     return result
 
@@ -610,12 +739,18 @@ def format_uncertainty(model: str, entry: dict[str, Any]) -> str:
         elif "skipped" in figures:
             lines.append(f"  {name:<13} skipped: {figures['skipped']}")
         else:
-            lines.append(f"  {name:<13} {figures['images_per_s']:8.2f} img/s  {figures['cost_vs_plain']:5.2f}x plain")
+            spread = figures.get("cost_vs_plain_spread") or {}
+            cpu = figures.get("cpu_cost_vs_plain")
+            lines.append(f"  {name:<13} {figures['images_per_s']:8.2f} img/s  {figures['cost_vs_plain']:5.2f}x plain"
+                         + (f" [{spread['min']:.2f}-{spread['max']:.2f}]" if spread else "")
+                         + (f"  CPU time {cpu:5.2f}x" if cpu is not None else ""))
     if "target" in entry:
         target = entry["target"]
+        cpu = target.get("cpu_value")
         lines.append(
             f"  target: MC dropout (N={target['passes']}) <= {target['max_cost_vs_plain']:.0f}x plain: "
-            f"{target['value']:.2f}x -> {'MET' if target['met'] else 'NOT MET'}"
+            f"{target['value']:.2f}x (wall)" + (f", {cpu:.2f}x (CPU time)" if cpu is not None else "")
+            + f" -> {'MET' if target['met'] else 'NOT MET'}"
         )
     return "\n".join(lines)
 
@@ -660,6 +795,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile morphaeus training steps")
     parser.add_argument("--profile-size", type=int, default=None, help="size to profile (default: largest)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps to profile (default: 3)")
+    parser.add_argument("--train-variants", action="store_true",
+                        help="compare the morphaeus training step at the largest size: channels_last, foreach/fused "
+                             "Adam, bf16 autocast (interleaved with the default)")
     parser.add_argument("--no-uncertainty", action="store_true", help="skip the uncertainty estimator timings")
     parser.add_argument("--uncertainty-only", action="store_true",
                         help="only the uncertainty estimator timings (no training/inference figures)")
@@ -717,6 +855,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "benchmarks/throughput.py", *sys.argv[1:]]),
         "environment": environment(device),
         "settings": {
             "sizes": list(args.sizes), "batch_size": args.batch_size, "models": list(args.models),
@@ -757,6 +896,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": len(all_rates),
     }
     results["target"] = evaluate_target(results)
+    results["train_variants"] = None
+    if args.train_variants:
+        results["train_variants"] = benchmark_train_variants("morphaeus", max(args.sizes), args.batch_size, device,
+                                                             probe, args.repeats, args.warmup)
     results["profile"] = None
     if args.profile:
         size = args.profile_size or max(args.sizes)
@@ -796,6 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "uncertainty" in entry:
             print(format_uncertainty(model, entry["uncertainty"]))
     print(format_target(results["target"]))
+    if results.get("train_variants"):
+        print(format_train_variants(results["train_variants"]))
     if results["warning"]:
         print(f"WARNING: {results['warning']}")
     if results["profile"] is not None:

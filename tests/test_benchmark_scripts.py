@@ -65,3 +65,27 @@ def test_thread_setup_table_and_ratios():
     assert "| 1 spinner | with | 2 | PASSIVE | 8.00 |" in table
     assert "| none | without | 2 | unset | 5.00 |" in table
     assert "busy: with / without = 8.00x" in table
+
+
+def test_end_to_end_tables_have_guided_predict_ratios_and_evaluate_rows():
+    e2e = load("end_to_end")
+    results = {
+        "environment": {"torch": "x", "threads": 2, "omp_wait_policy": "PASSIVE"},
+        "load_average": {"start": [1, 1, 1], "end": [2, 2, 2]},
+        "fit": [],
+        "predict": [{"model": "morphaeus (128²)", "scan_shape": [128, 128, 12], "strategy": "unguided",
+                     "seconds_per_scan": 2.0, "scans_per_min": 30.0, "vs_unguided": 1.0,
+                     "vs_unguided_min": 1.0, "vs_unguided_max": 1.0},
+                    {"model": "morphaeus (128²)", "scan_shape": [128, 128, 12], "strategy": "map",
+                     "seconds_per_scan": 8.0, "scans_per_min": 7.5, "vs_unguided": 4.0,
+                     "vs_unguided_min": 3.5, "vs_unguided_max": 4.5}],
+        "evaluate": [{"model": "ae", "size": 64, "test_slices": 48, "seconds": 2.0, "slices_per_s": 24.0}],
+        "stages_s": {"fit": 1.0},
+    }
+    table = e2e.format_tables(results)
+    assert "| morphaeus (128²) | 128×128×12 | map | 8.00 | 7.5 | 4.00x [3.50–4.50] |" in table
+    assert "| ae | 64² | 48 | 2.00 | 24.0 |" in table
+    assert "conditioned" not in e2e.guided_strategies()          # needs a model trained for it
+    assert {"none", "gating", "map", "cost_masking", "tto", "iterative"} <= set(e2e.guided_strategies())
+    args = e2e.parse_args(["--strategies", "map"])
+    assert args.strategies == ["none", "map"]                    # the unguided reference is always timed

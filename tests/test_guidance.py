@@ -252,6 +252,39 @@ def test_iterative_registers_then_holds_where_the_residual_is_abnormal():
     assert float(pred.guidance_mask[..., :16].max()) == 0.0 and float(pred.guidance_mask[..., 16:].min()) == 1.0
 
 
+def test_iterative_prediction_carries_the_u_its_mask_was_cut_from():
+    """u of the iterative strategy is in its Prediction (its u AUROC can be reported) and, over
+    several rounds, is the u of every round (max), so the final m is the mask of that u: with
+    rounds=3 and the rounds flagging different halves, u and m cover both halves."""
+    net = _network()
+    x, brain = _images()
+    calls = []
+
+    def halves(residual, images):  # round 1 flags the left half, round 2 the right half
+        z = torch.zeros_like(residual)
+        if calls:
+            z[..., 16:] = 10.0
+        else:
+            z[..., :16] = 10.0
+        calls.append(1)
+        return GuidanceSignal((z / 10.0).clamp(0, 1), z)
+
+    scorer = GuidedScorer(net, _config("iterative", dilation=0, rounds=3), "iterative", residual_normaliser=halves)
+    pred = scorer(x, brain)
+    assert len(calls) == 2
+    assert pred.uncertainty is not None and pred.uncertainty.shape == x.shape
+    assert float(pred.guidance_mask.min()) == 1.0                    # both halves held
+    assert float(pred.uncertainty.min()) == 1.0                      # ... and both in u
+    assert torch.equal(scorer.mask_from(pred.uncertainty * 10.0, brain), pred.guidance_mask)
+    # two rounds: u is that round's signal inside the brain
+    calls.clear()
+    half = brain.clone()
+    half[..., :8] = 0
+    pred = GuidedScorer(net, _config("iterative", dilation=0), "iterative", residual_normaliser=halves)(x, half)
+    assert float(pred.uncertainty[..., :8].max()) == 0.0 and float(pred.uncertainty[..., 8:16].min()) == 1.0
+    assert float(pred.uncertainty[..., 16:].max()) == 0.0
+
+
 def test_iterative_with_one_round_registers_once():
     net = _network()
     x, brain = _images()

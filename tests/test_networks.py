@@ -551,3 +551,20 @@ def test_optimising_a_constant_velocity_recovers_a_known_shift():
         loss.backward()
         optimiser.step()
     assert torch.allclose(velocity.detach().flatten(), true_shift.flatten(), atol=0.05)
+
+
+@pytest.mark.parametrize("stride,out_channels", [(2, 1), (2, 3), (3, 2)])
+def test_sub_pixel_transposed_convolution_is_the_same_function(stride, out_channels):
+    from anomorph.networks.blocks import SubPixelConvTranspose2d, sub_pixel_output_layers, upsample_geometry
+
+    torch.manual_seed(0)
+    kernel, padding = upsample_geometry(stride)
+    layer = torch.nn.ConvTranspose2d(5, out_channels, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 5, 7, 6)
+    fast = SubPixelConvTranspose2d(layer)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), layer(x), atol=1e-5)
+        assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), layer(x), atol=1e-5)
+    wrapped = sub_pixel_output_layers(torch.nn.Sequential(layer, torch.nn.ConvTranspose2d(5, 8, 4, 2, 1)))
+    assert isinstance(wrapped[0], SubPixelConvTranspose2d)
+    assert type(wrapped[1]) is torch.nn.ConvTranspose2d              # wide layers stay as they are

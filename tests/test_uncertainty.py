@@ -173,6 +173,56 @@ def test_fast_mc_dropout_matches_the_naive_n_pass_loop(builder):
     assert reference.var(0).max() > 1e-6  # stochastic: the comparison is not trivially between zeros
 
 
+def _max_sample_error(net, x, seed, passes, **options):
+    """Largest |Δ| between the estimator's passes and the naive per-pass reference."""
+    from anomorph.uncertainty.estimators import MCDropoutEstimator
+
+    reference = _reference_mc_samples(net, x, seed, passes)
+    samples, _ = MCDropoutEstimator(passes=passes, **options).samples(net, x, seed)
+    assert samples["reconstruction"].shape == reference.shape
+    return float((samples["reconstruction"] - reference).abs().max())
+
+
+@pytest.mark.parametrize("builder", [ae, morphaeus])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_mc_dropout_passes_equal_the_naive_per_pass_forwards(builder, channels_last, monkeypatch):
+    """Every pass (not only mean and variance) equals a full forward of the unmodified network
+    with that pass's seeded masks, to 1e-6, for every chunking and both layouts."""
+    import anomorph.uncertainty.estimators as estimators
+
+    monkeypatch.setattr(estimators, "use_channels_last", lambda images: channels_last)
+    net = builder(dropout=0.2)
+    x = smooth_images(3, seed=4)
+    for max_batch in (None, 3, 6, 100):
+        assert _max_sample_error(net, x, seed=123, passes=5, max_batch=max_batch) <= 1e-6, max_batch
+    assert _reference_mc_samples(net, x, 123, 5).var(0).max() > 1e-6  # the passes differ
+
+
+def test_sample_comparison_catches_a_wrong_prefix_reuse(monkeypatch):
+    """The check above is sharp: reusing one layer too many (the first dropout layer itself runs
+    once, so every pass gets pass 0's mask there) is caught."""
+    import anomorph.networks.autoencoder as autoencoder
+
+    net = ae(dropout=0.2)
+    x = smooth_images(3, seed=4)
+    assert _max_sample_error(net, x, seed=123, passes=4, max_batch=3) <= 1e-6
+
+    def one_child_too_far(module, h):  # runs the child holding the first dropout layer once
+        children = list(module)
+        index = next(i for i, child in enumerate(children) if autoencoder.has_dropout(child))
+        for child in children[:index + 1]:
+            h = child(h)
+
+        def rest(y):
+            for child in children[index + 1:]:
+                y = child(y)
+            return y
+        return h, rest
+
+    monkeypatch.setattr(autoencoder, "split_at_first_dropout", one_child_too_far)
+    assert _max_sample_error(net, x, seed=123, passes=4, max_batch=3) > 1e-3
+
+
 def test_fast_mc_dropout_with_p_zero_is_the_plain_prior():
     net = ae(dropout=0.3)
     x = smooth_images(2, seed=5)
@@ -184,9 +234,11 @@ def test_fast_mc_dropout_with_p_zero_is_the_plain_prior():
     assert torch.count_nonzero(out.extras["variance"]) == 0
 
 
-def test_fast_mc_dropout_runs_the_deterministic_part_once_per_image():
-    """Encoder, from_latent and the first up-convolution see B images; the dropout-bearing layers
-    see every pass. (This is where the speed comes from; see benchmarks/README.md.)"""
+@pytest.mark.parametrize("max_batch", [100, 2])  # all 8 passes in one forward; one pass per forward
+def test_fast_mc_dropout_runs_the_deterministic_part_once_per_image(max_batch):
+    """Encoder, from_latent and the first up-convolution see B images once, however the passes
+    are chunked; the dropout-bearing layers see every pass. (This is where the speed comes from;
+    see benchmarks/README.md.)"""
     net = ae(dropout=0.2)
     x = smooth_images(2, seed=6)
     seen: dict[str, list[int]] = {}
@@ -196,23 +248,26 @@ def test_fast_mc_dropout_runs_the_deterministic_part_once_per_image():
             seen.setdefault(name, []).append(inputs[0].shape[0])
         return hook
 
-    from anomorph.uncertainty.estimators import folded_prior
+    from anomorph.uncertainty.estimators import folded_prior, use_channels_last
 
-    fast = folded_prior(net.eval())  # the passes run on this BatchNorm-folded copy (cached)
+    # the encoder and the passes run on this BatchNorm-folded copy (cached)
+    fast = folded_prior(net.eval(), use_channels_last(x))
     first_stage = fast.decoder.stages[0]
     assert isinstance(first_stage.up.norm, torch.nn.Identity)
-    handles = [net.encoder.register_forward_hook(record("encoder")),
+    handles = [fast.encoder.register_forward_hook(record("encoder")),
                fast.from_latent.register_forward_hook(record("from_latent")),
                first_stage.up.conv.register_forward_hook(record("first_up_conv")),
                first_stage.up.act.register_forward_hook(record("first_up_act")),
                fast.decoder.output.register_forward_hook(record("output"))]
     try:
-        build_estimator("mc_dropout", passes=8, max_batch=100)(net, x)
+        build_estimator("mc_dropout", passes=8, max_batch=max_batch)(net, x)
     finally:
         for handle in handles:
             handle.remove()
     assert seen["encoder"] == [2] and seen["from_latent"] == [2] and seen["first_up_conv"] == [2]
-    assert seen["first_up_act"] == [16] and seen["output"] == [16]
+    per_forward = 16 if max_batch == 100 else 2
+    assert seen["first_up_act"] == [per_forward] * (16 // per_forward)
+    assert seen["output"] == [per_forward] * (16 // per_forward)
 
 
 def test_folded_copy_is_the_same_function_and_refreshes_after_training():

@@ -9,7 +9,7 @@ full resolution (those dominate the training time on CPUs).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -113,50 +113,91 @@ class Decoder(nn.Module):
         """``forward(repeat_passes(h, times))``, with every layer before the first dropout layer
         run once on the ``B`` inputs (their outputs are the same for every repetition); the
         batch is pass-major (entry ``n·B + b`` = repetition ``n`` of input ``b``)."""
-        repeated = False
+        return self.forward_suffix(self.forward_prefix(h), times)
+
+    def forward_prefix(self, h: torch.Tensor) -> "DecoderPrefix":
+        """Run the layers before the first dropout layer once on the ``B`` inputs; the result
+        feeds :meth:`forward_suffix` any number of times (e.g. once per chunk of MC passes)."""
         features = [h]
-        for stage in self.stages:
-            if not repeated and has_dropout(stage):
-                h = run_then_repeat(stage, h, times)
-                repeated = True
-            else:
-                h = stage(h)
+        for index, stage in enumerate(self.stages):
+            if has_dropout(stage):
+                before, rest = split_at_first_dropout(stage, h)
+                return DecoderPrefix(before, rest, index, features)
+            h = stage(h)
             features.append(h)
-        if not repeated:
-            h = repeat_passes(h, times)
-        features = [f if f.shape[0] == h.shape[0] else repeat_passes(f, times) for f in features]
+        return DecoderPrefix(h, None, len(self.stages), features)
+
+    def forward_suffix(self, prefix: "DecoderPrefix", times: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The rest of ``forward`` on ``times`` pass-major repetitions of ``prefix``."""
+        h = repeat_passes(prefix.hidden, times)
+        features = [repeat_passes(f, times) for f in prefix.features]
+        if prefix.rest is not None:
+            h = prefix.rest(h)
+            features.append(h)
+            for stage in list(self.stages)[prefix.stage + 1:]:
+                h = stage(h)
+                features.append(h)
         return self.output(h), features
 
 
+class DecoderPrefix(NamedTuple):
+    """What :meth:`Decoder.forward_prefix` ran: ``hidden`` (the input of the first dropout layer,
+    or of the output layer when there is none), ``rest`` (the remaining layers of that stage, or
+    None), ``stage`` (its index) and the feature maps of the stages before it."""
+
+    hidden: torch.Tensor
+    rest: "Callable[[torch.Tensor], torch.Tensor] | None"
+    stage: int
+    features: list[torch.Tensor]
+
+
 def repeat_passes(tensor: torch.Tensor, times: int) -> torch.Tensor:
-    """Pass-major repetition ``(B, ...)`` -> ``(times·B, ...)``: entry ``n·B + b`` = ``tensor[b]``."""
-    return tensor.repeat(times, *([1] * (tensor.ndim - 1)))
+    """Pass-major repetition ``(B, ...)`` -> ``(times·B, ...)``: entry ``n·B + b`` = ``tensor[b]``;
+    always a new tensor (also for ``times = 1``: MC dropout may scale it in place), with the
+    layout of ``tensor`` (``Tensor.repeat`` would return a contiguous one)."""
+    return torch.cat([tensor] * times)
 
 
 def has_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
 
 
-def run_then_repeat(module: nn.Module, x: torch.Tensor, times: int) -> torch.Tensor:
-    """``module(repeat_passes(x, times))`` with the layers before the first dropout layer run once.
+def split_at_first_dropout(module: nn.Module, x: torch.Tensor
+                           ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Run the layers of ``module`` before its first dropout layer on ``x``: returns (their
+    output, ``rest``) with ``rest(y)`` = the remaining layers of ``module`` applied to ``y``, so
+    ``rest(split(x)[0]) == module(x)`` and ``rest`` can take a repeated batch.
 
-    Walks nested ``nn.Sequential`` containers in order: a child without dropout runs on the
-    ``B`` inputs; the child holding the first dropout layer is entered (if it is a Sequential)
-    or gets the repeated batch; everything after it runs on the repeated batch. Exact up to
-    float rounding of batch-size-dependent kernels: eval-mode layers treat images independently.
+    Walks nested ``nn.Sequential`` containers in order: a child without dropout runs on ``x``;
+    the child holding the first dropout layer is entered (if it is a Sequential), otherwise it
+    and everything after it form ``rest``. Exact up to float rounding of batch-size-dependent
+    kernels: eval-mode layers treat images independently.
     """
-    if not has_dropout(module):
-        return repeat_passes(module(x), times)
     if isinstance(module, nn.Sequential):
         children = list(module)
         for index, child in enumerate(children):
             if has_dropout(child):
-                x = run_then_repeat(child, x, times)
-                for rest in children[index + 1:]:
-                    x = rest(x)
-                return x
+                before, inner = split_at_first_dropout(child, x)
+                tail = children[index + 1:]
+
+                def rest(y: torch.Tensor, inner=inner, tail=tail) -> torch.Tensor:
+                    y = inner(y)
+                    for layer in tail:
+                        y = layer(y)
+                    return y
+
+                return before, rest
             x = child(x)
-    return module(repeat_passes(x, times))
+    return x, module
+
+
+def run_then_repeat(module: nn.Module, x: torch.Tensor, times: int) -> torch.Tensor:
+    """``module(repeat_passes(x, times))`` with the layers before the first dropout layer run once
+    (:func:`split_at_first_dropout`)."""
+    if not has_dropout(module):
+        return repeat_passes(module(x), times)
+    before, rest = split_at_first_dropout(module, x)
+    return rest(repeat_passes(before, times))
 
 
 class Decoded(NamedTuple):
@@ -264,8 +305,17 @@ class AutoEncoder(nn.Module):
         passes: the layers before the decoder's first dropout layer run once on the ``B`` codes
         (in eval mode they give the same result for every pass). Must only be used in eval mode
         with the dropout layers being the only source of randomness (as MC dropout runs)."""
+        return self.decode_suffix(self.decode_prefix(z), times)
+
+    def decode_prefix(self, z: torch.Tensor) -> DecoderPrefix:
+        """The part of :meth:`decode_repeated` that runs once on the ``B`` codes (up to the
+        decoder's first dropout layer); pass it to :meth:`decode_suffix` once per chunk of passes."""
         h = self.latent_act(self.from_latent(z).view(z.shape[0], *self.bottleneck_shape))
-        return self._decoded(*self.decoder.forward_repeated(h, times))
+        return self.decoder.forward_prefix(h)
+
+    def decode_suffix(self, prefix: DecoderPrefix, times: int) -> Decoded:
+        """:meth:`decode_repeated` from a :meth:`decode_prefix` result: ``times`` repetitions."""
+        return self._decoded(*self.decoder.forward_suffix(prefix, times))
 
     def _decoded(self, raw: torch.Tensor, features: list[torch.Tensor]) -> Decoded:
         mean_raw = raw[:, : self.in_channels]

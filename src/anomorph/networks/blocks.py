@@ -280,3 +280,61 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
             block.conv = fuse_conv_bn_eval(conv, norm, transpose=transposed)
             block.norm = nn.Identity()
     return folded.eval()
+
+
+class SubPixelConvTranspose2d(nn.Module):
+    """A stride-``s`` ``nn.ConvTranspose2d`` (kernel ``s + 2·(s // 2)``, padding ``s // 2``, as
+    :func:`upsample_geometry` builds them) computed as one ordinary convolution to ``s²·C_out``
+    channels followed by ``pixel_shuffle(s)``: the same function up to float rounding.
+
+    Output pixel ``s·u + a`` of the transposed convolution reads input ``u + t`` through tap
+    ``a + p − s·t``; the ``s²`` phases become the output channels of one convolution whose
+    kernel holds, per phase, the taps of that phase (the rest zero). On CPUs oneDNN runs a
+    transposed convolution with few output channels (the decoder's last layer) several times
+    slower than this convolution, despite its zero taps (benchmarks/README.md).
+    """
+
+    def __init__(self, layer: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        (s, s_w), (k, k_w), (p, p_w) = layer.stride, layer.kernel_size, layer.padding
+        if (s, k, p) != (s_w, k_w, p_w) or k != s + 2 * (s // 2) or p != s // 2 or layer.groups != 1 \
+                or tuple(layer.dilation) != (1, 1) or tuple(layer.output_padding) != (0, 0):
+            raise ValueError(f"unsupported transposed convolution {layer}")
+        taps = {a: [(t, a + p - s * t) for t in range(-k, k + 1) if 0 <= a + p - s * t < k] for a in range(s)}
+        low = min(t for a in taps for t, _ in taps[a])
+        high = max(t for a in taps for t, _ in taps[a])
+        weight = layer.weight.detach()                      # (C_in, C_out, k, k)
+        c_in, c_out = weight.shape[:2]
+        size = high - low + 1
+        kernel = weight.new_zeros(c_out, s, s, c_in, size, size)
+        for a in range(s):
+            for ty, ky in taps[a]:
+                for b in range(s):
+                    for tx, kx in taps[b]:
+                        kernel[:, a, b, :, ty - low, tx - low] = weight[:, :, ky, kx].t()
+        self.stride = s
+        self.pad = (-low, high, -low, high)               # (left, right, top, bottom)
+        self.weight = nn.Parameter(kernel.reshape(c_out * s * s, c_in, size, size), requires_grad=False)
+        bias = None if layer.bias is None else layer.bias.detach().repeat_interleave(s * s)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad[0] == self.pad[1]:
+            y = F.conv2d(x, self.weight, self.bias, padding=self.pad[0])
+        else:
+            y = F.conv2d(F.pad(x, self.pad), self.weight, self.bias)
+        return F.pixel_shuffle(y, self.stride)
+
+
+def sub_pixel_output_layers(module: nn.Module, max_out_channels: int = 4) -> nn.Module:
+    """Replace, in place, every stride-2+ ``nn.ConvTranspose2d`` of ``module`` with at most
+    ``max_out_channels`` output channels by its :class:`SubPixelConvTranspose2d`; returns ``module``."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.ConvTranspose2d and child.out_channels <= max_out_channels
+                    and child.stride[0] > 1):
+                try:
+                    setattr(parent, name, SubPixelConvTranspose2d(child))
+                except ValueError:
+                    continue
+    return module

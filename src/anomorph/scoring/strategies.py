@@ -171,7 +171,11 @@ class TestTimeOnly(TestTimeRegistration):
 class Iterative(Strategy):
     """``rounds`` registrations in all: round 1 plain; each later round gates with
     m = max(m, ramp(z of |x − x̃| of the previous round)) inside the brain. ``rounds = 1`` is
-    the unguided registration. No oracle twin: with the oracle mask it is gating."""
+    the unguided registration (no u). No oracle twin: with the oracle mask it is gating.
+
+    The signal it returns (the Prediction's u) is the pixel-wise maximum of the signals of all
+    rounds, u and score alike: the final m is exactly the mask cut from that score (ramp and
+    dilation are monotone), so u is the uncertainty the last registration was held with."""
 
     name = "iterative"
     uses_mask = False
@@ -183,8 +187,10 @@ class Iterative(Strategy):
         out = scorer.network(images)
         signal = None
         for _ in range(scorer.guidance.rounds - 1):
-            signal = scorer.residual_normaliser((images - out.warped).abs(), images)
-            m = torch.maximum(m, scorer.mask_from(signal.score, brains))
+            latest = scorer.residual_normaliser((images - out.warped).abs(), images)
+            m = torch.maximum(m, scorer.mask_from(latest.score, brains))
+            signal = latest if signal is None else GuidanceSignal(
+                torch.maximum(signal.uncertainty, latest.uncertainty), torch.maximum(signal.score, latest.score))
             out = scorer.network(images, velocity_gate=1.0 - m)
         return out, m, signal
 

@@ -146,14 +146,18 @@ class SeededDropout:
         self.shared = shared
         self.passes: Sequence[int] = (0,)
         self._handles: list[Any] = []
-        self._copies: list[tuple[int, nn.Module]] = []
+        self._copies: list[tuple[int, nn.Module, bool]] = []
 
     def also_on(self, original: nn.Module, copy: nn.Module) -> None:
         """Also sample masks in ``copy``, a structural copy of ``original`` (a submodule of the
         network): its dropout layers get the seeds of the matching layers of ``original``."""
         index_of = {id(layer): i for i, layer in enumerate(self.layers)}
+        # a dropout layer that is not the first child of an nn.Sequential reads its previous
+        # sibling's fresh output, which nothing else holds: the copy may scale it in place
+        intermediate = {id(child) for parent in copy.modules() if isinstance(parent, nn.Sequential)
+                        for child in list(parent)[1:]}
         for layer, twin in zip(dropout_layers(original), dropout_layers(copy)):
-            self._copies.append((index_of[id(layer)], twin))
+            self._copies.append((index_of[id(layer)], twin, id(twin) in intermediate))
 
     def probability(self, layer: nn.Module) -> float:
         return float(layer.p) if self.p is None else self.p
@@ -163,7 +167,11 @@ class SeededDropout:
         """True when at least one layer drops with a positive probability."""
         return any(self.probability(layer) > 0 for layer in self.layers)
 
-    def _hook(self, index: int):
+    def _hook(self, index: int, in_place: bool = False):
+        """The forward hook of dropout layer ``index``; ``in_place``: scale the layer's input in
+        place (only for layers whose input is an intermediate nothing else reads, see
+        :meth:`also_on`, and only without autograd)."""
+
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             p = self.probability(module)
@@ -177,26 +185,46 @@ class SeededDropout:
             if not isinstance(module, nn.Dropout):  # channel-wise: one draw per (image, channel)
                 rest = rest[:1] + (1,) * (len(rest) - 1)
             shape = (1 if self.shared else per_pass, *rest)
-            masks = []
+            draws = []
             for n in self.passes:
                 generator = torch.Generator(device=x.device).manual_seed(child_seed(self.seed, index, n))
-                masks.append(torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) >= p)
+                draws.append(torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype))
             # (passes, 1 or B, ...) factors 0 or 1/(1-p), broadcast over the pass-major batch: one
             # elementwise pass, no full-size mask (equals x * mask / (1 - p) up to one rounding)
-            scale = torch.stack(masks).to(x.dtype).mul_(1.0 / (1.0 - p))
+            scale = torch.stack(draws).ge_(p).mul_(1.0 / (1.0 - p))
+            if x.ndim >= 3 and not x.is_contiguous() and _is_channels_last(x):
+                # lay the factor out like x (channels innermost): a broadcast multiply across
+                # mismatched layouts runs several times slower than the elementwise pass itself
+                scale = _channels_innermost(scale)
+            if in_place and not torch.is_grad_enabled() and not x.requires_grad:
+                x.view(n_passes, per_pass, *x.shape[1:]).mul_(scale)
+                return x
             return (x.view(n_passes, per_pass, *x.shape[1:]) * scale).view(x.shape)
 
         return hook
 
     def __enter__(self) -> "SeededDropout":
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
-        self._handles += [layer.register_forward_hook(self._hook(i)) for i, layer in self._copies]
+        self._handles += [layer.register_forward_hook(self._hook(i, in_place))
+                          for i, layer, in_place in self._copies]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+def _channels_innermost(scale: torch.Tensor) -> torch.Tensor:
+    """``(P, 1|B, C, *spatial)`` with the same values, stored with C as the fastest axis."""
+    order = (0, 1, *range(3, scale.ndim), 2)
+    inverse = (0, 1, scale.ndim - 1, *range(2, scale.ndim - 1))
+    return scale.permute(order).contiguous().permute(inverse)
 
 
 #: pixels per forward (images × pixels each) below which batching more MC passes together still
@@ -208,19 +236,32 @@ AUTO_PIXELS_PER_FORWARD = 16 * 128 * 128
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
-def folded_prior(prior: nn.Module) -> nn.Module:
-    """:func:`~anomorph.networks.blocks.fold_batch_norm` of ``prior``, cached until any of its
-    parameters or buffers changes (storage or in-place version), e.g. by training."""
+def folded_prior(prior: nn.Module, channels_last: bool = False) -> nn.Module:
+    """:func:`~anomorph.networks.blocks.fold_batch_norm` of ``prior``, its output layer (a
+    transposed convolution to few channels) as a sub-pixel convolution
+    (:func:`~anomorph.networks.blocks.sub_pixel_output_layers`), cached until any of its
+    parameters or buffers changes (storage or in-place version), e.g. by training.
+    ``channels_last``: the copy's 4-d weights are stored channels-last (oneDNN's native layout
+    on CPUs; feed it channels-last inputs)."""
     tensors = [*prior.parameters(), *prior.buffers()]
-    key = tuple((t.data_ptr(), t._version, t.device.type) for t in tensors)
+    key = (tuple((t.data_ptr(), t._version, t.device.type) for t in tensors), bool(channels_last))
     cached = _FOLDED.get(prior)
     if cached is not None and cached[0] == key:
         return cached[1]
-    from ..networks.blocks import fold_batch_norm
+    from ..networks.blocks import fold_batch_norm, sub_pixel_output_layers
 
-    folded = fold_batch_norm(prior)
+    folded = sub_pixel_output_layers(fold_batch_norm(prior))
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
     _FOLDED[prior] = (key, folded)
     return folded
+
+
+def use_channels_last(images: torch.Tensor) -> bool:
+    """Whether MC dropout runs its passes channels-last: on CPU for 2-d images (``(B, C, H, W)``).
+    oneDNN convolutions, above all the transposed ones, skip a layout conversion per layer
+    (at 128², batch 16: a decoder pass about 20 % faster; benchmarks/README.md)."""
+    return images.device.type == "cpu" and images.ndim == 4
 
 
 def auto_max_batch(images: torch.Tensor) -> int:
@@ -248,9 +289,12 @@ class MCDropoutEstimator(UncertaintyEstimator):
     (and the dense ``to_latent`` layer) has no dropout — the case for anomorph's networks, where
     dropout sits in the decoder stages only — the encoder runs once on the B images and the code
     is repeated; the decoder layers before its first dropout layer (``from_latent`` and the first
-    up-convolution and its normalisation) also run once (``AutoEncoder.decode_repeated``); only
-    the dropout-bearing rest runs per pass, on a copy of the prior with the BatchNorms folded into
-    the convolutions (:func:`folded_prior`; equal up to float rounding). The deformation head is run only for ``target``
+    up-convolution and its normalisation) also run once, for all chunks
+    (``AutoEncoder.decode_prefix``); only the dropout-bearing rest runs per pass
+    (``AutoEncoder.decode_suffix``). Encoder and passes run on a copy of the prior with the
+    BatchNorms folded into the convolutions (:func:`folded_prior`), channels-last on CPU
+    (:func:`use_channels_last`): equal to the per-pass loop up to float rounding (≤ 1e-6,
+    ``tests/test_uncertainty.py``). The deformation head is run only for ``target``
     "warped"/"displacement".
     Stochasticity reaches the head through x̂ and the decoder features (and through any dropout
     layer inside the head). Extras: ``mean``/``variance`` of x̂; with the head also
@@ -281,13 +325,29 @@ class MCDropoutEstimator(UncertaintyEstimator):
                 "shared_masks": self.shared_masks, "max_batch": self.max_batch}
 
     def estimate(self, network, images, generator):
+        samples, n_layers = self._samples(network, images, draw_seed(generator))
+        raw, extras = _sample_maps(self.name, samples, self.target)
+        extras["n_dropout_layers"] = torch.tensor(n_layers)
+        return raw, extras
+
+    def samples(self, network: nn.Module, images: torch.Tensor, seed: int
+                ) -> tuple[dict[str, torch.Tensor], int]:
+        """The N passes themselves: ``({"reconstruction": (N, B, C, *spatial)[, "warped": …,
+        "displacement": …]}, number of dropout layers)`` for the masks of ``seed`` (the seed
+        :meth:`estimate` draws from its generator). Pass ``n`` equals a full forward of the
+        network with :class:`SeededDropout` set to pass ``n`` (up to float rounding)."""
+        with torch.no_grad(), eval_mode(network):
+            return self._samples(network, images, seed)
+
+    def _samples(self, network: nn.Module, images: torch.Tensor, seed: int
+                 ) -> tuple[dict[str, torch.Tensor], int]:
         if self.target != "prior":
             _require_deformable(self.name, network, f"target={self.target!r}")
-        sampler = SeededDropout(network, draw_seed(generator), self.dropout, self.shared_masks)
+        sampler = SeededDropout(network, seed, self.dropout, self.shared_masks)
         if not sampler.active:
             why = ("dropout=0 was requested" if sampler.layers and self.dropout is not None
                    else f"{type(network).__name__} has no dropout layer (train with model.dropout > 0)")
-            warnings.warn(f"mc_dropout: {why}; the MC variance is zero", stacklevel=3)
+            warnings.warn(f"mc_dropout: {why}; the MC variance is zero", stacklevel=4)
         prior = prior_network(network)
         batch = images.shape[0]
         encoder_parts = [getattr(prior, n, None) for n in ("encoder", "to_latent")]
@@ -299,18 +359,23 @@ class MCDropoutEstimator(UncertaintyEstimator):
         need_head = self.target != "prior"
         collected: dict[str, list[torch.Tensor]] = {}
         if reuse_encoder:
-            # the passes run on a copy with the BatchNorms folded into the convolutions (same
-            # function in eval mode up to float rounding; one elementwise pass less per conv)
-            fast = folded_prior(prior)
+            # the encoder and the passes run on a copy with the BatchNorms folded into the
+            # convolutions (same function in eval mode up to float rounding; one elementwise pass
+            # less per conv), channels-last on CPU (use_channels_last)
+            channels_last = use_channels_last(images)
+            fast = folded_prior(prior, channels_last)
             sampler.also_on(prior, fast)
         with sampler:
-            code = prior.encode(images)[0] if reuse_encoder else None
+            if reuse_encoder:
+                code = fast.encode(images.contiguous(memory_format=torch.channels_last) if channels_last
+                                   else images)[0]
+            # the layers before the first dropout layer run once for all chunks of passes
+            prefix = fast.decode_prefix(code) if reuse_encoder and hasattr(fast, "decode_prefix") else None
             for chunk in chunks:
                 sampler.passes = chunk
                 n = len(chunk)
                 if reuse_encoder:
-                    decode_repeated = getattr(fast, "decode_repeated", None)
-                    decoded = (decode_repeated(code, n) if decode_repeated is not None
+                    decoded = (fast.decode_suffix(prefix, n) if prefix is not None
                                else fast.decode(_repeat(code, n)))
                     parts = {"reconstruction": decoded.image}
                     if need_head:
@@ -320,11 +385,8 @@ class MCDropoutEstimator(UncertaintyEstimator):
                 else:
                     parts = _outputs(network, _repeat(images, n), self.target)
                 for key, value in parts.items():
-                    collected.setdefault(key, []).append(value.reshape(n, batch, *value.shape[1:]))
-        samples = {key: torch.cat(values) for key, values in collected.items()}
-        raw, extras = _sample_maps(self.name, samples, self.target)
-        extras["n_dropout_layers"] = torch.tensor(len(sampler.layers))
-        return raw, extras
+                    collected.setdefault(key, []).append(value.contiguous().reshape(n, batch, *value.shape[1:]))
+        return {key: torch.cat(values) for key, values in collected.items()}, len(sampler.layers)
 
 
 # ----------------------------------------------------------------------------- ensemble
