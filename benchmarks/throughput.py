@@ -58,13 +58,13 @@ CONFIG_DIR = REPO_ROOT / "configs"
 MODELS = ("ae", "vae", "morphaeus")
 MATMUL_SIZE = 2048
 
-# The issue's target: deformable AE, 128², batch 16, 2 CPU cores, training step.
+# Issue 15's target: deformable AE, 128², batch 16, 2 idle CPU cores, training step (was 0.35).
 TARGET = {
     "model": "morphaeus",
     "size": 128,
     "batch_size": 16,
     "metric": "train.fraction_of_matmul",
-    "threshold": 0.35,
+    "threshold": 0.50,
     "reference": "a direct re-implementation of the published architecture reaches about 0.18 (10.6 images/s)",
 }
 # SPEC §5 / the uncertainty issue: MC dropout with N = 8 costs at most 3x one plain pass.
