@@ -101,11 +101,12 @@ def main() -> None:
     if oracle_rows:
         best = max(oracle_rows, key=lambda r: float(r["mean"]))
         gain = diff(args.dataset, method, "pixel_auprc")
-        control = diff(args.dataset, "tto", "pixel_auprc")
+        controls = "; ".join(f"control {c}: {ci(diff(args.dataset, c, 'pixel_auprc'))}" for c in ("tto", "tto_matched")
+                             if diff(args.dataset, c, "pixel_auprc") is not None)
         if gain is not None:
             share = float(gain["mean"]) / float(best["mean"])
             add("closes ≥ half of the gap to the best oracle-guided row",
-                f"{share:.2f} of {best['method']}'s {float(best['mean']):+.3f} (control tto: {ci(control)})", share >= 0.5)
+                f"{share:.2f} of {best['method']}'s {float(best['mean']):+.3f} ({controls})", share >= 0.5)
     checks = sorted({r["dataset"] for r in paired} - {args.dataset})
     for dataset in checks:
         for metric, label in (("pixel_auprc", "pixel AUPRC"), ("dice_at_val", "Dice@val")):
