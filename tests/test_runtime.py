@@ -76,6 +76,24 @@ def test_cgroup_v1_cfs_quota(tmp_path):
     assert runtime.cgroup_cpu_limit(root, proc) is None
 
 
+def test_cgroup_mounts_come_from_the_mount_table_hybrid_included(tmp_path, monkeypatch):
+    v2, v1 = tmp_path / "cg" / "unified", tmp_path / "cg" / "cpu,cpuacct"
+    mounts = tmp_path / "mounts"
+    _write(mounts, f"proc /proc proc rw 0 0\ncgroup2 {v2} cgroup2 rw,nosuid 0 0\n"
+                   f"cgroup {tmp_path / 'cg' / 'memory'} cgroup rw,memory 0 0\n"
+                   f"cgroup {v1} cgroup rw,nosuid,cpu,cpuacct 0 0\n")
+    assert runtime.cgroup_mounts(mounts) == (v2, [v1])
+    assert runtime.cgroup_mounts(tmp_path / "no_table") == (None, [])
+    # the default reads the quota where the table says the hierarchies are (here: v1 cpu)
+    _write(v1 / "job" / "cpu.cfs_quota_us", "150000")
+    _write(v1 / "job" / "cpu.cfs_period_us", "100000")
+    proc = tmp_path / "proc_self_cgroup"
+    _write(proc, "4:cpu,cpuacct:/job\n0::/job\n")
+    monkeypatch.setattr(runtime, "PROC_SELF_MOUNTS", mounts)
+    monkeypatch.setattr(runtime.cgroup_mounts, "__defaults__", (mounts,))
+    assert runtime.cgroup_cpu_limit(None, proc) == 1.5
+
+
 def test_usable_cpus_caps_affinity_by_quota_rounding_down():
     assert runtime.usable_cpus(8, 2.5) == 2
     assert runtime.usable_cpus(8, 0.5) == 1           # never 0

@@ -34,9 +34,10 @@ from typing import Callable, Mapping, MutableMapping
 
 logger = logging.getLogger("anomorph.runtime")
 
-# the kernel's interfaces (not user paths); every reader takes them as arguments, so tests pass fakes
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+# the kernel's per-process interfaces; every reader takes them as arguments, so tests pass fakes.
+# Where the cgroup hierarchy is mounted is read from the mount table, not assumed.
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+PROC_SELF_MOUNTS = Path("/proc/self/mounts")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -114,23 +115,46 @@ def _ancestors(mount: Path, cgroup_path: str) -> list[Path]:
     return out
 
 
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
+def cgroup_mounts(mounts: Path = PROC_SELF_MOUNTS) -> tuple[Path | None, list[Path]]:
+    """Where this process sees its cgroup hierarchies, from its mount table: (the ``cgroup2``
+    mount point or None, the cgroup v1 mount points whose controllers include ``cpu``). Hybrid
+    systems have both. An unreadable table gives (None, [])."""
+    text = _read(mounts)
+    v2, v1 = None, []
+    for line in (text or "").splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if fields[2] == "cgroup2" and v2 is None:
+            v2 = point
+        elif fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            v1.append(point)
+    return v2, v1
+
+
+def cgroup_cpu_limit(root: Path | None = None, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
     """CPUs allowed by the cgroup CPU quota of this process (the tightest along its path), or None.
+
+    ``root``: a folder laid out like a cgroup mount (v2 files in it, v1 controllers in
+    ``root/<controllers>``); default: the mount points of this process' mount table
+    (:func:`cgroup_mounts`).
 
     cgroup v2 (a ``0::PATH`` line): ``cpu.max`` in ``root/PATH`` and its ancestors. cgroup v1
     (a line whose controllers include ``cpu``): ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
     in ``root/cpu,cpuacct/PATH`` (or ``root/cpu/PATH``) and its ancestors.
     """
+    v2_root, v1_mounts = cgroup_mounts() if root is None else (root, [])
     limits: list[float] = []
     for controllers, path in _self_cgroups(proc_self_cgroup):
-        if controllers == "":
-            for directory in _ancestors(root, path):
+        if controllers == "" and v2_root is not None:
+            for directory in _ancestors(v2_root, path):
                 text = _read(directory / "cpu.max")
                 limit = parse_cpu_max(text) if text is not None else None
                 if limit is not None:
                     limits.append(limit)
         elif "cpu" in controllers.split(","):
-            mounts = [root / controllers, root / "cpu,cpuacct", root / "cpu"]
+            mounts = v1_mounts if root is None else [root / controllers, root / "cpu,cpuacct", root / "cpu"]
             for mount in dict.fromkeys(mounts):
                 if not mount.is_dir():
                     continue
