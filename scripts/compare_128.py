@@ -16,7 +16,11 @@ import argparse
 import csv
 import math
 import shutil
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from update_results import replace  # noqa: E402
 
 COMMAND = "OMP_WAIT_POLICY=PASSIVE anomorph benchmark --config benchmarks/phantom_128.yaml"
 METHODS = ("morphaeus", "gating", "gating (oracle-guided)", "cost_masking", "cost_masking (oracle-guided)")
@@ -97,15 +101,6 @@ def comparison_block(reference: dict, new: dict, reference_path: Path, new_path:
                  "Per-subject paired differences with bootstrap CIs (vs the unguided 128² model, "
                  "3 test subjects per lesion kind): `benchmarks/results/phantom128/paired.md`.")
     return "\n".join(lines)
-
-
-def replace(path: Path, name: str, block: str) -> None:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{path}: no {begin} … {end} markers")
-    start, stop = text.index(begin), text.index(end) + len(end)
-    path.write_text(text[:start] + f"{begin}\n{block}\n{end}" + text[stop:])
 
 
 def main() -> None:
