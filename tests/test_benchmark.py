@@ -248,6 +248,25 @@ def test_row_fingerprint_includes_the_head_settings_only_for_rows_that_use_the_h
     assert method_setup(config, tto) == before[1]
 
 
+def test_a_combination_with_the_head_as_a_part_trains_the_head(tmp_path):
+    from anomorph.benchmark.runner import method_uses_head, uses_head
+
+    config = _selection_config(tmp_path)
+    gating = config.methods[1]
+    config.selection["guidance_grid"]["gating"]["estimator"] = ["residual_z", "max(warped_residual,deformation)"]
+    assert not method_uses_head(config, gating)
+    config.selection["guidance_grid"]["gating"]["estimator"] = ["residual_z", "max(warped_residual,noncorrespondence)"]
+    assert method_uses_head(config, gating) and uses_head(config, gating.run)
+    path = tmp_path / "bad.yaml"
+    for spec, message in [("{name: 'max(warped_residual,nope)'}", "must be"),
+                          ("{name: 'max(warped_residual,deformation)', mode: none}", "mode none"),
+                          ("{name: 'prod(warped_residual,deformation)'}", "rule")]:
+        path.write_text("datasets: [{name: d, manifest: m.csv}]\nmethods: [{name: t, kind: threshold}]\n"
+                        f"selection: {{seed: 0}}\nuncertainty_quality: [{spec}]\n")
+        with pytest.raises(ConfigError, match=message):
+            load_benchmark_config(path)
+
+
 def test_the_committed_val_search_is_in_the_repository():
     """The demo's guided row comes from the committed val search; a clean clone must have it
     (it was once hidden by a `phantom/` ignore pattern)."""

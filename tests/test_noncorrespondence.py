@@ -121,3 +121,38 @@ def test_fit_head_calibrate_and_predict_from_the_cli(tiny_calibrated_run, tiny_p
                  "noncorrespondence", str(row.image), "--out", str(tmp_path / "pred2")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_combined_estimator_calibrates_saves_its_parts_and_predicts_from_the_cli(tiny_calibrated_run, tiny_phantom,
+                                                                                   tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from anomorph.cli.main import main
+    from anomorph.data.manifest import read_manifest
+    from anomorph.scoring import Detector
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_calibrated_run, run)
+    name = "max(warped_residual,deformation)"
+    assert main(["calibrate", "--run", str(run), "--guidance", "gating", "--estimator", name]) == 0
+    npz = run / "calibration" / "normaliser.npz"
+    with np.load(npz, allow_pickle=False) as saved:
+        arrays = dict(saved)
+    assert {"mean", "std", "estimator.part0.mean", "estimator.part1.std"} <= set(arrays)
+    # the detector rebuilt from the files (no refit) has the saved part statistics
+    detector = Detector.from_run(run)
+    assert detector.estimator_model.name == name and detector.calibration_matches
+    part = detector.estimator_model.estimator.normalisers[1]
+    assert np.array_equal(part.std.numpy(), arrays["estimator.part1.std"])
+    row = next(r for r in read_manifest(tiny_phantom) if r.split == "test" and r.mask)
+    assert main(["predict", "--run", str(run), str(row.image), "--brain-mask", str(row.brain_mask),
+                 "--out", str(tmp_path / "pred")]) == 0
+    u = np.asarray(nib.load(str(next((tmp_path / "pred").rglob("*uncertainty*.nii.gz")))).dataobj)
+    assert u.min() >= 0 and u.max() <= 1 and u.max() > 0
+    capsys.readouterr()
+    # calibration arrays without the parts' statistics: one line naming what is missing, exit 2
+    np.savez(npz, **{k: v for k, v in arrays.items() if not k.startswith("estimator.part1.")})
+    code = main(["predict", "--run", str(run), str(row.image), "--out", str(tmp_path / "pred2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and "part 1" in err

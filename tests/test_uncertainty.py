@@ -628,3 +628,57 @@ def test_deformation_atypicality_and_warped_residual_read_the_unguided_registrat
                         "latent_dim": 16}).eval()
     with _pytest.raises(ConfigError, match="deformable"):
         build_estimator("deformation")(ae, x)
+
+
+# ----------------------------------------------------------------------------- combinations
+@pytest.mark.parametrize("rule", ["max", "mean", "min"])
+def test_combination_is_the_rule_over_separately_normalised_parts(rule):
+    from anomorph.uncertainty import CombinedEstimator
+
+    net = morphaeus()
+    healthy = smooth_images(24, seed=7)
+    brains = torch.ones_like(healthy)
+    options = dict(smooth=0.0, floor=0.0, batch_size=8)
+    combined = build_estimator(f"{rule}(warped_residual, deformation)")
+    assert isinstance(combined, CombinedEstimator) and combined.name == f"{rule}(warped_residual,deformation)"
+    outer = HealthyNormaliser.fit(combined, net, healthy, brains, **options)
+    # reference: each part normalised on its own, then the rule by hand
+    parts = [HealthyNormaliser.fit(build_estimator(name), net, healthy, brains, **options)
+             for name in ("warped_residual", "deformation")]
+    new = smooth_images(5, seed=8)
+    zs = torch.stack([p(net, new).extras["z"] for p in parts])
+    expected = {"max": zs.amax(0), "mean": zs.mean(0), "min": zs.amin(0)}[rule]
+    out = outer(net, new)
+    assert torch.allclose(out.raw, expected, atol=1e-5)
+    assert bool((out.raw < 0).any())  # a z-score: not clamped at 0 like other raw maps
+    # the outer normaliser re-standardises the combination on its fit slices (per pixel)
+    z_fit = outer(net, healthy).extras["z"]
+    assert torch.allclose(z_fit.mean(0), torch.zeros_like(z_fit[0]), atol=1e-3)
+    # saved tensors only; a freshly built combination restored from them gives the same maps
+    state = outer.state_dict()
+    assert {"estimator.part0.mean", "estimator.part1.std"} <= set(state)
+    restored = HealthyNormaliser.from_state(build_estimator(f"{rule}(warped_residual,deformation)"), state)
+    assert torch.equal(restored(net, new).uncertainty, out.uncertainty)
+
+
+def test_combination_spelling_errors_and_unfitted_use():
+    from anomorph.errors import ConfigError
+    from anomorph.uncertainty import canonical_estimator_name
+
+    assert canonical_estimator_name(" max( residual_z ,warped_residual ) ") == "max(residual_z,warped_residual)"
+    assert canonical_estimator_name("residual_z") == "residual_z"
+    for bad, message in [("prod(residual_z,warped_residual)", "rule"), ("max(residual_z)", "two or more"),
+                         ("max(residual_z,)", "two or more"), ("max(residual_z,max(a,b))", "nest"),
+                         ("max(residual_z,residual_z)", "repeated"), ("max(residual_z,nope)", "nope")]:
+        with pytest.raises(ConfigError, match=message):
+            build_estimator(bad)
+    with pytest.raises(ConfigError, match="passes"):
+        build_estimator("max(residual_z,mc_dropout)", passes=4)
+    combined = build_estimator("max(residual_z,mc_dropout)", seed=3)
+    assert [p.seed for p in combined.parts] == [3, 3]
+    with pytest.raises(ConfigError, match="healthy statistics"):
+        combined(ae(dropout=0.1), smooth_images(1))
+    part0 = HealthyNormaliser.fit(build_estimator("residual_z"), ae(), smooth_images(4)).state_dict()
+    outer = {**part0, **{f"estimator.part0.{key}": value for key, value in part0.items()}}
+    with pytest.raises(ConfigError, match="part 1"):  # a saved state without the second part's statistics
+        HealthyNormaliser.from_state(combined, outer)

@@ -130,10 +130,12 @@ def dataset_methods(config: "BenchmarkConfig", dataset: DatasetSpec) -> list[Met
 
 def method_uses_head(config: "BenchmarkConfig", method: MethodSpec) -> bool:
     """Whether the row can use the learned non-correspondence head (its estimator, or a value of
-    its ``estimator`` grid, is ``noncorrespondence``)."""
+    its ``estimator`` grid, is ``noncorrespondence`` or a combination with it as a part)."""
+    from ..uncertainty import estimator_parts
+
     grid = (config.selection or {}).get("guidance_grid", {}).get(method.name, {})
-    return method.kind == "guided" and (method.estimator == "noncorrespondence"
-                                        or "noncorrespondence" in grid.get("estimator", []))
+    names = [method.estimator, *grid.get("estimator", [])]
+    return method.kind == "guided" and any("noncorrespondence" in estimator_parts(name) for name in names)
 
 
 #: MethodSpec fields left out of a row's fingerprint while at their default (None), so that
@@ -155,9 +157,12 @@ def method_setup(config: "BenchmarkConfig", method: MethodSpec, chosen: dict[str
 def uses_head(config: "BenchmarkConfig", base: str) -> bool:
     """Whether any row on the run of method ``base`` (or the u-quality table) needs the learned
     non-correspondence head."""
+    from ..uncertainty import estimator_parts
+
     rows = [m for m in config.methods if m.kind == "guided" and (m.run == base or m.name == base)]
     return any(method_uses_head(config, m) for m in rows) or (
-        base == config.reference and any(spec.get("name") == "noncorrespondence" for spec in config.uncertainty_quality))
+        base == config.reference and any("noncorrespondence" in estimator_parts(spec.get("name", ""))
+                                         for spec in config.uncertainty_quality))
 
 
 def ensure_head(config: "BenchmarkConfig", base: str, run_dir: Path) -> None:
@@ -221,12 +226,21 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
         for name in list(config.selection["train_grid"]) + list(config.selection["guidance_grid"]):
             if name not in names:
                 raise ConfigError(f"{path}: selection: {name!r} is not a method of this benchmark")
+    from ..uncertainty import estimator_parts
     from ..uncertainty.estimators import ESTIMATORS
 
     for spec in config.uncertainty_quality:
-        if not isinstance(spec, dict) or spec.get("name") not in ESTIMATORS or \
+        try:
+            parts = estimator_parts(spec.get("name", "")) if isinstance(spec, dict) else [None]
+        except ConfigError as err:
+            raise ConfigError(f"{path}: uncertainty_quality: {err}") from err
+        if len(parts) > 1 and spec.get("mode") == "none":
+            raise ConfigError(f"{path}: uncertainty_quality: {spec['name']} combines healthy z-scores; "
+                              "mode none is not possible")
+        if not isinstance(spec, dict) or any(part not in ESTIMATORS for part in parts) or \
                 set(spec) - {"name", "options", "mode"} or spec.get("mode", "pixel") not in ("pixel", "tissue", "none"):
-            raise ConfigError(f"{path}: uncertainty_quality: {spec!r} must be {{name: one of {sorted(ESTIMATORS)}, "
+            raise ConfigError(f"{path}: uncertainty_quality: {spec!r} must be {{name: one of {sorted(ESTIMATORS)} "
+                              "or a combination such as max(warped_residual,noncorrespondence), "
                               "options: {...}, mode: pixel|tissue|none}")
     if config.head:
         from ..training.noncorrespondence import HeadSettings

@@ -12,6 +12,7 @@ subjects and ``calibration.json`` says so in ``note``. Files: see
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +27,7 @@ from ..runs import checkpoint_path, file_sha256, load_run, resolve_run_dir
 from ..scoring.calibration import (DEFAULT_FPRS, FORMAT, NORMALISER_FILE, RESIDUAL_FILE, Calibration,
                                    normaliser_entry)
 from ..scoring.detector import Detector, GuidanceArg, resolve_guidance
+from ..uncertainty import canonical_estimator_name
 from ..scoring.sources import fit_residual_statistics
 from .evaluate import calibration_subjects
 from .metrics import MetricAccumulator, threshold_at_fpr
@@ -38,14 +40,17 @@ def calibrate(run_dir: str | Path, manifest: str | Path | None = None, guidance:
     """Fit and save the run's calibration (``RUN_DIR/calibration/``); returns it.
 
     ``guidance``/``estimator``: the setting to calibrate (default: the run's config; see
-    :func:`~anomorph.scoring.detector.resolve_guidance`). ``manifest``: default the run's
+    :func:`~anomorph.scoring.detector.resolve_guidance`); the saved setting's
+    ``guidance.estimator`` is ``estimator``, so later detectors use it by default. ``manifest``: default the run's
     ``data.manifest``.
     """
     run_dir = Path(run_dir)
     member = resolve_run_dir(run_dir)
     network, config = load_run(member, which)
     setting = resolve_guidance(config, guidance, None)
-    name_u = estimator or setting.estimator
+    name_u = canonical_estimator_name(estimator or setting.estimator)
+    # the saved setting is the calibrated one: `predict --run RUN` then uses this estimator by default
+    setting = dataclasses.replace(setting, estimator=name_u)
     manifest = Path(manifest) if manifest is not None else Path(config.data.manifest)
     rows = read_manifest(manifest)
     if not any(r.split == "val" for r in rows):

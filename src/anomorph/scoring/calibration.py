@@ -18,8 +18,9 @@ set on, ``n_healthy_pixels``), ``dice_threshold`` (the val-chosen max-Dice thres
 without val lesions), ``calibration_subjects`` (fit the normalisers) and ``threshold_subjects``
 (chose the thresholds; disjoint from the former unless ``note`` says otherwise).
 
-The NPZ arrays (``mean``, ``std`` and, in tissue mode, ``intensity_edges``,
-``gradient_edges``) load with ``numpy.load(allow_pickle=False)``: no code is ever run.
+The NPZ arrays (``mean``, ``std``, in tissue mode ``intensity_edges``, ``gradient_edges``, and
+for a combined estimator such as ``max(warped_residual,noncorrespondence)`` each part's
+statistics under ``estimator.part<i>.<key>``) load with ``numpy.load(allow_pickle=False)``: no code is ever run.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ import torch
 
 from ..data.io import atomic_write
 from ..errors import CheckpointError
-from ..uncertainty import HealthyNormaliser, UncertaintyEstimator
+from ..uncertainty.normalise import ESTIMATOR_PREFIX
+from ..uncertainty import HealthyNormaliser, UncertaintyEstimator, canonical_estimator_name
 
 CALIBRATION_DIR = "calibration"
 CALIBRATION_FILE = "calibration.json"
@@ -69,7 +71,8 @@ class Calibration:
     @property
     def estimator_name(self) -> str | None:
         estimator = self.info.get("estimator") or {}
-        return estimator.get("name")
+        name = estimator.get("name")
+        return None if name is None else canonical_estimator_name(name)
 
     def normaliser(self, estimator: UncertaintyEstimator, which: str = "normaliser") -> HealthyNormaliser | None:
         """The saved :class:`HealthyNormaliser` around ``estimator`` (``which``: "normaliser" or
@@ -140,4 +143,6 @@ def normaliser_entry(normaliser: HealthyNormaliser, file: str) -> tuple[dict[str
     if normaliser.intensity_edges is not None and normaliser.gradient_edges is not None:
         arrays["intensity_edges"] = normaliser.intensity_edges.numpy()
         arrays["gradient_edges"] = normaliser.gradient_edges.numpy()
+    arrays.update({key: value.numpy() for key, value in normaliser.state_dict().items()
+                   if key.startswith(ESTIMATOR_PREFIX)})  # a combination's part statistics
     return meta, arrays

@@ -18,6 +18,7 @@ from ..config import GuidanceConfig, RunConfig
 from ..data.preprocess import Preprocessor
 from ..errors import ConfigError
 from ..runs import checkpoint_path, file_sha256, load_run, resolve_run_dir
+from ..uncertainty import canonical_estimator_name, estimator_parts
 from .base import ModelScorer, Prediction, Scorer
 from .calibration import Calibration
 from .sources import build_estimator_for_run, fit_residual_statistics, residual_normaliser_from, signal_function
@@ -160,7 +161,9 @@ class Detector(Scorer):
         """
         strategy = STRATEGIES[guidance.strategy]
         deformable = config.model.name == "morphaeus"
-        name_u = estimator or guidance.estimator
+        name_u = canonical_estimator_name(estimator or guidance.estimator)
+        if not guidance.normalise and len(estimator_parts(name_u)) > 1:
+            raise ConfigError(f"estimator {name_u} combines healthy z-scores: it needs guidance.normalise=true")
         options = dict(estimator_options or {})
         if calibration is not None and not options and calibration.estimator_name == name_u:
             options = dict((calibration.info.get("estimator") or {}).get("options") or {})

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..runs import is_ensemble
-from ..uncertainty import HealthyNormaliser, UncertaintyEstimator, build_estimator
+from ..uncertainty import HealthyNormaliser, UncertaintyEstimator, build_estimator, parse_combination
 from ..uncertainty.estimators import WarpedResidualEstimator
 from .strategies import GuidanceSignal
 
@@ -74,11 +74,14 @@ def residual_normaliser(network: nn.Module, healthy_images: torch.Tensor, health
 def build_estimator_for_run(name: str, run_dir: str | Path | None, options: Mapping[str, Any] | None = None
                             ) -> UncertaintyEstimator:
     """``build_estimator(name, **options)``; the ``ensemble`` and ``noncorrespondence``
-    estimators get ``run_dir`` (the ensemble directory; the run holding the head)."""
+    estimators get ``run_dir`` (the ensemble directory; the run holding the head), also as parts
+    of a combination ``RULE(a,b)``."""
     options = dict(options or {})
-    if name == "noncorrespondence" and "head" not in options and run_dir is not None:
+    combination = parse_combination(name)
+    parts = [name] if combination is None else combination[1]
+    if (combination is not None or name == "noncorrespondence") and "head" not in options and run_dir is not None:
         options["run_dir"] = str(run_dir)  # the head lives in the run: never a stale saved path
-    if name == "ensemble" and "members" not in options:
+    if "ensemble" in parts and "members" not in options:
         run = options.get("run_dir", run_dir)
         if run is None or not is_ensemble(run):
             raise ConfigError(f"the ensemble estimator needs an ensemble run directory (trained with "

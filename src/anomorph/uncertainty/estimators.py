@@ -12,13 +12,14 @@ name               raw map                                                     u
 ``deformation``    |log det Jφ| or ‖d‖ of the unguided registration             — / pixels
 ``warped_residual``  registered residual |x − x̃| of the unguided registration  intensity
 ``noncorrespondence``  −log(1 − p), p = learned head's P(no healthy counterpart)  nats
+``RULE(a,b,...)``  max / mean / min of the parts' healthy z-scores              healthy SDs
 =================  ==========================================================  ==============
 
 Intensities are those of the [0, 1] model-grid images; for C > 1 channels the raw map is the
 root mean square over channels. The first six never read the registration's result. The last
 three describe the *unguided* registration (φ, |x − x̃|, or a head reading x̃): they depend on φ, so they may only
 guide a second registration at inference (every guided strategy registers again), never a
-training loss (SPEC §3 pitfalls).
+training loss (SPEC §3 pitfalls). A combination (:mod:`.combined`) depends on φ when any part does.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from .base import (
     prior_network,
     sample_moments,
 )
+from .combined import CombinedEstimator, parse_combination
 
 TARGETS = ("prior", "warped", "displacement")
 _MASK64 = (1 << 64) - 1
@@ -840,8 +842,14 @@ ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
 }
 
 
+#: options a combination ``RULE(a,b)`` accepts; ``seed`` and ``run_dir`` are passed on to the parts
+COMBINATION_OPTIONS = ("seed", "scale", "run_dir")
+
+
 def estimator_options(name: str) -> tuple[str, ...]:
     """Keyword options accepted by estimator ``name``."""
+    if parse_combination(name) is not None:
+        return COMBINATION_OPTIONS
     if name not in ESTIMATORS:
         raise ConfigError(f"unknown uncertainty estimator {name!r}; expected one of {sorted(ESTIMATORS)}")
     parameters = inspect.signature(ESTIMATORS[name].__init__).parameters
@@ -850,8 +858,21 @@ def estimator_options(name: str) -> tuple[str, ...]:
 
 def build_estimator(name: str, **options: Any) -> UncertaintyEstimator:
     """An estimator by name (``mc_dropout``, ``ensemble``, ``tta``, ``aleatoric``,
-    ``registration``, ``residual_z``) with its keyword options; unknown options are an error
-    that lists the accepted ones."""
+    ``registration``, ``residual_z``, ``deformation``, ``warped_residual``,
+    ``noncorrespondence``, or a combination ``max|mean|min(NAME,NAME,...)`` of them) with its
+    keyword options; unknown options are an error that lists the accepted ones. A combination's
+    parts get their default options, plus ``seed`` and ``run_dir`` where they accept them."""
+    combination = parse_combination(name)
+    if combination is not None:
+        rule, parts = combination
+        unknown = sorted(set(options) - set(COMBINATION_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for uncertainty estimator {name!r}; "
+                             f"accepted: {sorted(COMBINATION_OPTIONS)}")
+        passed = {key: options[key] for key in ("seed", "run_dir") if options.get(key) is not None}
+        built = [build_estimator(part, **{k: v for k, v in passed.items() if k in estimator_options(part)})
+                 for part in parts]
+        return CombinedEstimator(built, rule, seed=options.get("seed", 0), scale=options.get("scale"))
     accepted = estimator_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
