@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/thread_setup.py                      # ae, 64², batch 16, 8 s per row
     python benchmarks/thread_setup.py --model morphaeus --size 128 --json /tmp/threads.json
+    python benchmarks/thread_setup.py --spincounts 10000 100000   # + rows with GOMP_SPINCOUNT=N
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ CLEARED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCO
 
 def child(mode: str, model: str, size: int, batch_size: int, seconds: float, warmup: int) -> dict[str, Any]:
     """Run in the child process: time training steps for ``seconds``; return the figures."""
+    if mode.startswith("spin="):  # as "with", but GOMP_SPINCOUNT (set by the parent) overrides the wait policy
+        mode = "with"
     if mode == "with":
         import anomorph  # noqa: F401  - first: sets the OpenMP environment before torch loads
         import torch
@@ -69,12 +72,15 @@ def child(mode: str, model: str, size: int, batch_size: int, seconds: float, war
         "steps": len(times),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "setup": setup.describe() if setup is not None else None,
     }
 
 
 def measure(mode: str, busy: bool, args: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    if mode.startswith("spin="):
+        env["GOMP_SPINCOUNT"] = mode.split("=", 1)[1]
     spinner = None
     if busy:
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = load_average()
     for _ in range(args.rounds):
         for busy in (False, True):
-            for mode in ("without", "with"):
+            for mode in ("without", "with", *(f"spin={n}" for n in args.spincounts)):
                 key = f"{'busy' if busy else 'idle'}/{mode}"
                 result = measure(mode, busy, args)
                 rows.setdefault(key, []).append(result)
@@ -122,15 +128,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle_with_vs_without": figures["idle/with"]["images_per_s"] / figures["idle/without"]["images_per_s"],
         "with_busy_vs_idle": figures["busy/with"]["images_per_s"] / figures["idle/with"]["images_per_s"],
         "without_busy_vs_idle": figures["busy/without"]["images_per_s"] / figures["idle/without"]["images_per_s"],
+        **{f"spin={n}_busy_vs_idle": figures[f"busy/spin={n}"]["images_per_s"] / figures[f"idle/spin={n}"]["images_per_s"]
+           for n in args.spincounts},
     }
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"model": args.model, "size": args.size, "batch_size": args.batch_size,
-                     "seconds_per_row": args.seconds, "rounds": args.rounds, "cpu_count": os.cpu_count()},
+                     "seconds_per_row": args.seconds, "rounds": args.rounds, "cpu_count": os.cpu_count(),
+                     "spincounts": list(args.spincounts)},
         "load_average": {"start": load_start, "end": load_average()},
         "rows": figures,
         "ratios": ratios,
+        "command": " ".join([".venv/bin/python", "benchmarks/thread_setup.py", *sys.argv[1:]]),
     }
 
 
@@ -138,16 +148,21 @@ def format_table(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [f"{s['model']} training step, {s['size']}², batch {s['batch_size']} "
              f"(load average start {results['load_average']['start']}, end {results['load_average']['end']})",
-             "| competing busy process | anomorph threading setup | threads | OMP_WAIT_POLICY | images/s | steps/min |",
-             "|---|---|---|---|---|---|"]
+             "| competing busy process | anomorph threading setup | threads | OMP_WAIT_POLICY | GOMP_SPINCOUNT | "
+             "images/s | steps/min | samples (img/s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, f in results["rows"].items():
         busy, mode = key.split("/")
+        samples = ", ".join(f"{v:.1f}" for v in f.get("samples_images_per_s", []))
         lines.append(f"| {'1 spinner' if busy == 'busy' else 'none'} | {mode} | {f['torch_threads']} | "
-                     f"{f['omp_wait_policy'] or 'unset'} | {f['images_per_s']:.2f} | {f['steps_per_min']:.0f} |")
+                     f"{f['omp_wait_policy'] or 'unset'} | {f.get('gomp_spincount') or 'unset'} | "
+                     f"{f['images_per_s']:.2f} | {f['steps_per_min']:.0f} | {samples} |")
     r = results["ratios"]
+    lines.append("")
     lines.append(f"busy: with / without = {r['busy_with_vs_without']:.2f}x; idle: with / without = "
-                 f"{r['idle_with_vs_without']:.2f}x; with: busy / idle = {r['with_busy_vs_idle']:.2f}; "
-                 f"without: busy / idle = {r['without_busy_vs_idle']:.2f}")
+                 f"{r['idle_with_vs_without']:.2f}x; busy / idle: with {r['with_busy_vs_idle']:.2f}, "
+                 f"without {r['without_busy_vs_idle']:.2f}"
+                 + "".join(f", {key.split('_')[0]} {value:.2f}" for key, value in r.items() if key.startswith("spin=")))
     return "\n".join(lines)
 
 
@@ -160,7 +175,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the 4 rows, alternating (default 1)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
-    parser.add_argument("--child", choices=("with", "without"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spincounts", type=int, nargs="*", default=[], metavar="N",
+                        help="extra rows: anomorph's setup with GOMP_SPINCOUNT=N (libgomp: it overrides "
+                             "OMP_WAIT_POLICY; PASSIVE is 0, the default 300000)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -57,7 +57,7 @@ def test_shipped_benchmark_config_is_valid():
     assert config.datasets[0].varies_with_seed and config.selection["seed"] == 0
 
 
-def test_tiny_benchmark_end_to_end_and_resume(tiny_phantom, tmp_path):
+def test_tiny_benchmark_end_to_end_and_resume(tiny_phantom, tmp_path, monkeypatch):
     overrides = ["data.size=32", "data.batch_size=8", "data.min_brain_fraction=0.0", "model.channels=[8,16,32]",
                  "model.strides=[2,2,2]", "model.latent_dim=32", "train.max_epochs=2", "train.warmup_epochs=1",
                  "train.beta_ramp_epochs=1", "train.progress_bar=false"]
@@ -84,6 +84,28 @@ def test_tiny_benchmark_end_to_end_and_resume(tiny_phantom, tmp_path):
     run_benchmark(config, stages2)  # everything done: nothing retrained or re-evaluated
     assert "train morphaeus" not in stages2 and "evaluate" not in stages2
     assert (tmp_path / "bench" / "tiny" / "seed0" / "metrics.json").stat().st_mtime_ns == mtime
+
+    # a new row and a changed row: only those are evaluated, the others keep their saved metrics
+    import anomorph.evaluation.evaluate as evaluate_module
+
+    scored = []
+    original = evaluate_module.evaluate_scorer
+    monkeypatch.setattr(evaluate_module, "evaluate_scorer",
+                        lambda scorer, *a, **k: scored.append(scorer.name) or original(scorer, *a, **k))
+    config.methods.append(MethodSpec("tto", "guided", run="morphaeus", strategy="tto", guidance={"map_steps": 2}))
+    config.methods[2].guidance = {"threshold": 2.5}
+    run_benchmark(config)
+    assert scored == ["gating", "gating (oracle-guided)", "tto"]
+    again = json.loads((tmp_path / "bench" / "tiny" / "seed0" / "metrics.json").read_text())
+    assert set(again["methods"]) == set(metrics) | {"tto"}
+    for name in ("threshold", "morphaeus", "oracle"):
+        assert again["methods"][name] == metrics[name]
+    # a report seed is always evaluated whole (its report needs every row's curves)
+    scored.clear()
+    config.methods[3].guidance = {"map_steps": 3}
+    config.report_seeds = [0]
+    run_benchmark(config)
+    assert scored == ["threshold", "morphaeus", "gating", "gating (oracle-guided)", "tto", "oracle"]
 
 
 TINY = ["data.size=32", "data.batch_size=8", "data.min_brain_fraction=0.0", "model.channels=[8,16,32]",

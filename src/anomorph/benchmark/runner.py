@@ -375,24 +375,64 @@ def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path,
     from ..evaluation.evaluate import evaluate_scorer, write_results
     from ..evaluation.inference import OracleScorer
 
+    from ..evaluation.evaluate import MethodResult
+
     out = Path(config.output_dir) / dataset.name / f"seed{seed}"
     data = load_seed_data(config, manifest, runs)
+    setup = seed_setup(config, dataset, chosen)
+    # rows whose setup is unchanged keep their saved metrics (not on report seeds: the report
+    # needs every row's curves and example panels, which metrics.json does not hold)
+    kept = {} if seed in config.report_seeds else saved_rows(out / "metrics.json", setup)
     results = []
-    for scorer in build_scorers(config, manifest, seed, runs, data, chosen, dataset_methods(config, dataset)):
-        _log(f"evaluating {scorer.name} (seed {seed}, {dataset.name})")
-        results.append(evaluate_scorer(scorer, data, config.batch_size))
+    for method in dataset_methods(config, dataset):
+        if method.name in kept:
+            _log(f"unchanged: {method.name} (seed {seed}, {dataset.name}), saved metrics kept")
+            results.extend(MethodResult(name, False, metrics) for name, metrics in kept[method.name].items())
+            continue
+        for scorer in build_scorers(config, manifest, seed, runs, data, chosen, [method]):
+            _log(f"evaluating {scorer.name} (seed {seed}, {dataset.name})")
+            results.append(evaluate_scorer(scorer, data, config.batch_size))
     if data.has_oracle:
-        results.append(evaluate_scorer(OracleScorer(data.config.size), data, config.batch_size))
+        if ORACLE_ROW in kept:
+            results.extend(MethodResult(name, False, metrics) for name, metrics in kept[ORACLE_ROW].items())
+        else:
+            results.append(evaluate_scorer(OracleScorer(data.config.size), data, config.batch_size))
     context = {"benchmark": config.name, "dataset": dataset.name, "manifest": str(manifest), "seed": seed,
                "machine": f"{platform.node()} ({platform.machine()})", "chosen_on_val": chosen or {},
                "calibration_subjects": sorted({row.subject for row, _, _ in data.calibration.meta})
-               if data.calibration is not None else [], "setup": seed_setup(config, dataset, chosen)}
+               if data.calibration is not None else [], "setup": setup}
     if seed in config.report_seeds:
         from ..reporting.report import write_report
 
         write_report(results, out, title=f"{config.name}: {dataset.name}, seed {seed}", context=context)
     write_results(results, out, extra={"context": context})
     return out / "metrics.json"
+
+
+#: key of the oracle row (m = ground truth, no method behind it) in :func:`saved_rows`
+ORACLE_ROW = "oracle"
+
+
+def saved_rows(path: Path, setup: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{method: {row name: metrics}} of the rows in a saved ``metrics.json`` whose method setup
+    equals today's ``setup`` (:func:`seed_setup`); the row of method M is ``M`` and its oracle-guided
+    twin ``M (oracle-guided)``. The data-only ``oracle`` row is kept under :data:`ORACLE_ROW`
+    whenever the file was written for the same data (any saved setup). {} when unreadable."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    metrics = saved.get("methods") or {}
+    saved_setup = (saved.get("context") or {}).get("setup") or {}
+    kept: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, fingerprint in setup.items():
+        if saved_setup.get(name) == fingerprint and name in metrics:
+            kept[name] = {row: value for row, value in metrics.items() if row in (name, f"{name} (oracle-guided)")}
+    if saved_setup and ORACLE_ROW in metrics and ORACLE_ROW not in setup:
+        kept[ORACLE_ROW] = {ORACLE_ROW: metrics[ORACLE_ROW]}
+    return kept
 
 
 def seed_setup(config: BenchmarkConfig, dataset: DatasetSpec, chosen: dict[str, Any] | None) -> dict[str, str]:
