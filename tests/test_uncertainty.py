@@ -674,6 +674,14 @@ def test_combination_spelling_errors_and_unfitted_use():
             build_estimator(bad)
     with pytest.raises(ConfigError, match="passes"):
         build_estimator("max(residual_z,mc_dropout)", passes=4)
+    import argparse
+
+    from anomorph.cli.evaluation import _estimator_name
+
+    assert _estimator_name("mean(residual_z, warped_residual)") == "mean(residual_z,warped_residual)"
+    for bad in ("max(residual_z,nope)", "nope", "prod(residual_z,warped_residual)"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _estimator_name(bad)
     combined = build_estimator("max(residual_z,mc_dropout)", seed=3)
     assert [p.seed for p in combined.parts] == [3, 3]
     with pytest.raises(ConfigError, match="healthy statistics"):

@@ -110,9 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-report", action="store_true", help="skip report.html")
     from ..uncertainty.estimators import ESTIMATORS
 
-    e.add_argument("--uncertainty", action="append", choices=sorted(ESTIMATORS), metavar="ESTIMATOR",
+    e.add_argument("--uncertainty", action="append", type=_estimator_name, metavar="ESTIMATOR",
                    help=f"uncertainty estimator to evaluate for every run (repeatable; one of "
-                        f"{', '.join(sorted(ESTIMATORS))}); the first one's u fills the report panels. "
+                        f"{', '.join(sorted(ESTIMATORS))}, or a combination such as "
+                        f"'max(warped_residual,noncorrespondence)'); the first one's u fills the report panels. "
                         f"See docs/uncertainty.md")
     e.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=True,
                    help="z-score each estimator against the healthy val slices (default: on)")
@@ -160,3 +161,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="estimator option, e.g. mc_dropout.passes=8 (repeatable)")
     _guidance_option(c, "default: the run's guidance.strategy")
     c.set_defaults(func=cmd_calibrate)
+
+
+def _estimator_name(text: str) -> str:
+    """argparse type of ``--uncertainty``: an estimator name or a combination of known ones."""
+    from ..errors import ConfigError
+    from ..uncertainty import canonical_estimator_name, estimator_parts
+    from ..uncertainty.estimators import ESTIMATORS
+
+    try:
+        unknown = [part for part in estimator_parts(text) if part not in ESTIMATORS]
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown estimator(s) {unknown}; expected one of {sorted(ESTIMATORS)} "
+                                         f"or a combination of them such as max(warped_residual,noncorrespondence)")
+    return canonical_estimator_name(text)
