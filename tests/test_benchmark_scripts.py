@@ -62,9 +62,15 @@ def test_thread_setup_table_and_ratios():
                "ratios": {"busy_with_vs_without": 8.0, "idle_with_vs_without": 2.0, "with_busy_vs_idle": 0.8,
                           "without_busy_vs_idle": 0.2}}
     table = setup.format_table(results)
-    assert "| 1 spinner | with | 2 | PASSIVE | 8.00 |" in table
-    assert "| none | without | 2 | unset | 5.00 |" in table
+    assert "| 1 spinner | with | 2 | PASSIVE | unset | 8.00 |" in table
+    assert "| none | without | 2 | unset | unset | 5.00 |" in table
     assert "busy: with / without = 8.00x" in table
+    # spin-count rows: their GOMP_SPINCOUNT column and their busy / idle ratio
+    results["rows"].update({"idle/spin=10000": {**row, "gomp_spincount": "10000", "images_per_s": 9.0},
+                            "busy/spin=10000": {**row, "gomp_spincount": "10000", "images_per_s": 3.0}})
+    results["ratios"]["spin=10000_busy_vs_idle"] = 3.0 / 9.0
+    table = setup.format_table(results)
+    assert "| 1 spinner | spin=10000 | 2 | PASSIVE | 10000 | 3.00 |" in table and "spin=10000 0.33" in table
 
 
 def test_end_to_end_tables_have_guided_predict_ratios_and_evaluate_rows():
