@@ -109,12 +109,15 @@ class TestTimeRegistration(Strategy):
     anchor: ClassVar[bool] = True
 
     def objective(self, scorer: "GuidedScorer", images: torch.Tensor, prior: torch.Tensor,
-                  velocity: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+                  velocity: torch.Tensor, m: torch.Tensor, fixed: losses.FixedWindowMoments | None = None
+                  ) -> tuple[torch.Tensor, ModelOutput]:
+        """The objective at ``velocity``; ``fixed``: the window moments of (x, 1 − m), which do
+        not depend on v (:class:`~anomorph.losses.FixedWindowMoments`; recomputed when None)."""
         g, window = scorer.guidance, scorer.config.train.ncc_window
         displacement = scorer.network.integrate(velocity)
         warped = scorer.network.warp(prior, displacement)
         if self.mask_similarity:
-            similarity = losses.masked_local_ncc_loss(warped, images, 1.0 - m, kernel_size=window)
+            similarity = losses.masked_local_ncc_loss(warped, images, 1.0 - m, kernel_size=window, fixed=fixed)
         else:
             similarity = losses.local_ncc_loss(warped, images, kernel_size=window)
         objective = similarity + g.map_lambda * losses.velocity_smoothness(velocity)
@@ -129,16 +132,19 @@ class TestTimeRegistration(Strategy):
         prior = start.reconstruction.detach()
         velocity = start.velocity.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([velocity], lr=scorer.guidance.map_lr)
+        # what does not depend on v is computed once (the same numbers as at every step)
+        fixed = (losses.FixedWindowMoments(images, 1.0 - m, scorer.config.train.ncc_window)
+                 if self.mask_similarity else None)
         with torch.enable_grad():
             for _ in range(scorer.guidance.map_steps):
-                objective, _ = self.objective(scorer, images, prior, velocity, m)
+                objective, _ = self.objective(scorer, images, prior, velocity, m, fixed)
                 if history is not None:
                     history.append(float(objective.detach()))
                 optimiser.zero_grad()
                 objective.backward()
                 optimiser.step()
         with torch.no_grad():
-            objective, out = self.objective(scorer, images, prior, velocity.detach(), m)
+            objective, out = self.objective(scorer, images, prior, velocity.detach(), m, fixed)
         if history is not None:
             history.append(float(objective))
         return out
