@@ -14,9 +14,11 @@ with the given guidance values:
 
 The loop is re-implemented here with timers around each part of
 :meth:`anomorph.scoring.strategies.TestTimeRegistration.objective`, twice per round: **before**
-(every window moment of the masked LNCC filtered at every step, the computation the strategies
-did until issue 15) and **after** (the moments of (x, 1 − m), which do not depend on v, filtered
-once: :class:`anomorph.losses.FixedWindowMoments`, as the strategies do now). Both results are
+(every window moment of the masked LNCC filtered at every step and MONAI's ``Warp.forward``, the
+computation until issue 15) and **after** (the moments of (x, 1 − m), which do not depend on v,
+filtered once: :class:`anomorph.losses.FixedWindowMoments`; and
+:meth:`anomorph.networks.deformation.PixelWarp.forward`, the same grid arithmetic without the
+in-place slice writes and advanced indexing; both as the code does now). Both results are
 checked against the detector's own output (max |Δ anomaly map|, printed). Nothing here is a test.
 
 Usage::
@@ -30,6 +32,7 @@ from __future__ import annotations
 import anomorph  # noqa: F401,I001 - first: the threading setup before torch loads (anomorph.runtime)
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -49,10 +52,28 @@ def _now() -> float:
     return time.perf_counter()
 
 
+@contextlib.contextmanager
+def _warp(before: bool):
+    """``before``: warp with MONAI's ``Warp.forward`` (as until issue 15) instead of
+    :meth:`anomorph.networks.deformation.PixelWarp.forward` (same values, fewer copies)."""
+    from monai.networks.blocks import Warp
+
+    from anomorph.networks.deformation import PixelWarp
+
+    saved = PixelWarp.forward
+    if before:
+        PixelWarp.forward = Warp.forward
+    try:
+        yield
+    finally:
+        PixelWarp.forward = saved
+
+
 def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bool) -> tuple[dict[str, float], Any]:
     """One Adam loop of ``scorer.strategy_impl`` with per-part wall seconds (summed over steps).
-    ``reuse``: the window moments of (x, 1 − m) are filtered once (:class:`FixedWindowMoments`, as
-    the strategies do now) instead of at every step (as they did before)."""
+    ``reuse``: the code as it is now (the window moments of (x, 1 − m) filtered once,
+    :class:`FixedWindowMoments`; ``PixelWarp.forward``); False: as before issue 15 (every moment
+    filtered at every step; MONAI's ``Warp.forward``)."""
     from anomorph import losses
     from anomorph.networks import ModelOutput
 
@@ -86,7 +107,7 @@ def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bo
                 seconds[name] += value
         return total, ModelOutput(prior, warped, v, displacement)
 
-    with torch.enable_grad():
+    with torch.enable_grad(), _warp(before=not reuse):
         for _ in range(g.map_steps):
             total, _ = objective(velocity, True)
             optimiser.zero_grad()
@@ -97,7 +118,7 @@ def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bo
             seconds["backward"] += t1 - t0
             seconds["adam"] += _now() - t1
     t0 = _now()
-    with torch.no_grad():
+    with torch.no_grad(), _warp(before=not reuse):
         _, out = objective(velocity.detach(), False)
     seconds["final"] = _now() - t0
     return seconds, out
