@@ -71,15 +71,24 @@ def benchmark_root(runs_dir: Path, output_dir: str) -> Path:
 
 
 def seed_inputs(config, dataset, seed: int, chosen: dict[str, Any], root: Path, runs_dir: Path):
-    """(manifest, {method: run dir}) of one seed, as :func:`run_benchmark` finds them."""
+    """(manifest, {method: run dir}) of one seed, as :func:`run_benchmark` finds them (with the
+    benchmark's relative paths read from ``root`` and its output_dir = ``runs_dir``)."""
+    import copy
+    import dataclasses
+
     from anomorph.benchmark.runner import seed_runs
 
+    def here(path: str) -> str:
+        if path.startswith(config.output_dir + "/"):  # the runs live under RUNS_DIR here
+            return str(runs_dir.resolve() / path[len(config.output_dir) + 1:])
+        return str(resolve(path, root))
+
+    local = copy.deepcopy(chosen)
+    local["runs"] = {k: here(v) for k, v in chosen.get("runs", {}).items()}
     runs = {}
-    for name, (run_dir, _) in seed_runs(config, dataset, seed, chosen).items():
-        text = str(run_dir)
-        if text.startswith(config.output_dir):  # the runs live under RUNS_DIR here
-            run_dir = runs_dir / text[len(config.output_dir):].lstrip("/")
-        runs[name] = resolve(run_dir, root)
+    for name, (run_dir, _) in seed_runs(dataclasses.replace(config, output_dir=str(runs_dir.resolve())),
+                                        dataset, seed, local).items():
+        runs[name] = Path(run_dir)
         if not (runs[name] / "done").exists():
             raise SystemExit(f"seed {seed}: {name} run {runs[name]} is not finished (no 'done' marker)")
     return resolve(dataset.manifest_for(seed), root), runs
