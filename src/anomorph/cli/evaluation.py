@@ -92,6 +92,8 @@ def _guidance_option(parser: argparse.ArgumentParser, default_help: str) -> None
     parser.add_argument("--guidance-option", action="append", default=None, metavar="KEY=VALUE",
                         help="a guidance value over the setting, e.g. map_steps=10 (fewer test-time steps for "
                              "map/cost_masking/tto) or threshold=6; repeatable (keys: GuidanceConfig fields)")
+    parser.add_argument("--estimator", default=None, metavar="ESTIMATOR",
+                        help="uncertainty estimator giving u (default: the run's guidance.estimator)")
 
 
 def _guidance_arg(args: argparse.Namespace):
@@ -114,8 +116,6 @@ def _guidance_arg(args: argparse.Namespace):
         except yaml.YAMLError as err:
             raise UserError(f"--guidance-option {item!r}: value is not valid YAML ({err})") from err
     return {**values, **({"strategy": args.guidance} if args.guidance else {})}
-    parser.add_argument("--estimator", default=None, metavar="ESTIMATOR",
-                        help="uncertainty estimator giving u (default: the run's guidance.estimator)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
