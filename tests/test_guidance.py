@@ -372,3 +372,39 @@ def test_fixed_window_moments_give_the_same_loss_gradient_and_registration():
         assert float((new.warped - start.warped).abs().max()) > 1e-3, strategy  # it did optimise
         assert float((new.warped - old.warped).abs().max()) < 1e-5, strategy
         assert float((new.displacement - old.displacement).abs().max()) < 1e-5, strategy
+
+
+def test_test_time_strategies_start_from_the_estimators_plain_pass():
+    """With an estimator that runs the plain pass (warped_residual), cost masking and MAP start
+    from it instead of running the network again (issue 15): one network pass instead of two,
+    the same prediction as from a fresh pass."""
+    from anomorph.scoring.sources import uncertainty_source
+
+    net = _network()
+    images, brain = _images()
+    healthy, healthy_brain = _images(seed=4)
+    source, _ = uncertainty_source("warped_residual", net, healthy, healthy_brain)
+
+    def without_start(network, x, brains):
+        signal = source(network, x, brains)
+        assert signal.start is not None  # warped_residual ran the plain pass
+        return GuidanceSignal(signal.uncertainty, signal.score)
+
+    passes = []
+    hook = net.register_forward_hook(lambda module, args, out: passes.append(1))
+    try:
+        for strategy in ("cost_masking", "map"):
+            config = _config(strategy, map_steps=6, threshold=0.5, dilation=0)
+            results = []
+            for signal_source in (source, without_start):
+                passes.clear()
+                results.append((GuidedScorer(net, config, strategy, signal_source)(images, brain), len(passes)))
+            (reused, n_reused), (fresh, n_fresh) = results
+            assert (n_reused, n_fresh) == (1, 2), strategy
+            assert float(reused.guidance_mask.max()) > 0 and float(reused.guidance_mask.min()) == 0.0
+            for field in ("anomaly_map", "warped", "displacement", "reconstruction"):
+                difference = (getattr(reused, field) - getattr(fresh, field)).abs().max()
+                assert float(difference) <= 1e-6, (strategy, field)
+            assert float((reused.warped - net(images).warped).abs().max()) > 1e-4  # it did optimise
+    finally:
+        hook.remove()
