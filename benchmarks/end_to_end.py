@@ -14,7 +14,9 @@ In one process, on a small phantom (default 64², the demo's subject counts):
 - **predict**: ``anomorph.predict_files`` of the trained AE on a 128×128×N NIfTI (a phantom test
   volume resampled in-plane to 128²), unguided, outputs written as the CLI does; scans/min.
 - **guided predict**: the deformable run of the largest size, calibrated, with ``none`` and every
-  strategy a plain deformable run can use, interleaved; cost vs unguided per round.
+  strategy a plain deformable run can use (or ``--strategies``, each ``NAME`` or
+  ``NAME:KEY=VALUE,...`` with GuidanceConfig overrides, e.g. ``cost_masking:map_steps=10``),
+  interleaved; cost vs unguided per round.
 - **evaluate**: ``anomorph.evaluate`` of every run on the phantom's test split; slices/s.
 
 Writes a markdown table to stdout and, with ``--json PATH``, one JSON object. Default run: about
@@ -24,15 +26,19 @@ Usage::
 
     python benchmarks/end_to_end.py --json /tmp/end_to_end.json
     python benchmarks/end_to_end.py --models ae --epochs 3 --out /tmp/e2e
+    python benchmarks/end_to_end.py --models morphaeus --sizes 128 --strategies cost_masking \\
+        cost_masking:map_steps=10 --json /tmp/steps.json     # guidance overrides per strategy
 """
 from __future__ import annotations
 
 import anomorph  # noqa: F401,I001 - first: the threading setup before torch loads (anomorph.runtime)
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -211,11 +217,40 @@ def guided_strategies() -> list[str]:
     return [name for name, cls in STRATEGIES.items() if not cls.needs_conditioned_model]
 
 
+def strategy_spec(label: str) -> tuple[str, dict[str, Any]]:
+    """``"cost_masking:map_steps=10,estimator=warped_residual"`` → ("cost_masking", {"map_steps":
+    10, "estimator": "warped_residual"}): a strategy and GuidanceConfig overrides (values as YAML)."""
+    import dataclasses
+
+    import yaml
+
+    from anomorph.config import GuidanceConfig
+
+    name, _, rest = label.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"{label!r}: expected NAME:KEY=VALUE,..., got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GuidanceConfig)} - {"strategy"})
+    if unknown or "strategy" in overrides:
+        raise ValueError(f"{label!r}: unknown guidance key(s) {unknown or ['strategy']}")
+    return name, overrides
+
+
+def _folder(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
 def measure_guided_predict(run_dir: Path, scan: Path, out: Path, repeats: int,
-                           strategies: Sequence[str]) -> list[dict[str, Any]]:
+                           strategies: Sequence[str], manifest: Path | None = None) -> list[dict[str, Any]]:
     """``predict_files`` of the deformable run with each strategy (``none`` = unguided), after
     ``anomorph.calibrate`` of the run (healthy statistics of u and of the registered residual;
     the run's guidance values otherwise: estimator residual_z, threshold 3, map_steps 30, rounds 2).
+    A strategy ``NAME:KEY=VALUE,...`` (:func:`strategy_spec`) overrides those values; with another
+    ``estimator`` its healthy normaliser is fitted on the calibration subjects of ``manifest``
+    (the ones ``calibrate`` uses), as the benchmark does.
     The strategies are timed interleaved (one call of each per repeat, after one warm-up call
     each), so every cost ratio vs ``none`` is taken per repeat, under the same load."""
     from anomorph.evaluation.calibrate import calibrate
@@ -224,28 +259,47 @@ def measure_guided_predict(run_dir: Path, scan: Path, out: Path, repeats: int,
     start = time.perf_counter()
     calibrate(run_dir)
     calibrate_s = time.perf_counter() - start
-    detectors = {name: Detector.from_run(run_dir, guidance=name) for name in strategies}
-    for name, detector in detectors.items():
-        _predict(detector, scan, out / f"guided_warmup_{name}")
-    times: dict[str, list[float]] = {name: [] for name in strategies}
+    detectors = {}
+    healthy = None
+    for label in strategies:
+        name, overrides = strategy_spec(label)
+        estimator = overrides.pop("estimator", None)
+        if estimator is not None and healthy is None:
+            from anomorph.data.slices import SliceConfig
+            from anomorph.evaluation.evaluate import EvaluationData
+            from anomorph.runs import load_run
+
+            if manifest is None:
+                raise ValueError(f"{label!r}: another estimator needs the manifest of its calibration subjects")
+            healthy = EvaluationData.load(manifest, SliceConfig.from_config(load_run(run_dir)[1].data),
+                                          0.5).healthy_reference()
+        detectors[label] = Detector.from_run(run_dir, guidance={**overrides, "strategy": name}, estimator=estimator,
+                                             healthy=healthy if estimator is not None else None)
+    for label, detector in detectors.items():
+        _predict(detector, scan, out / f"guided_warmup_{_folder(label)}")
+    times: dict[str, list[float]] = {label: [] for label in strategies}
     for index in range(repeats):
-        for name, detector in detectors.items():
+        for label, detector in detectors.items():
             t0 = time.perf_counter()
-            _predict(detector, scan, out / f"guided{index}_{name}")
-            times[name].append(time.perf_counter() - t0)
+            _predict(detector, scan, out / f"guided{index}_{_folder(label)}")
+            times[label].append(time.perf_counter() - t0)
     rows = []
-    for name in strategies:
-        median = statistics.median(times[name])
-        ratios = [t / u for t, u in zip(times[name], times["none"])] if "none" in times else []
-        g = detectors[name].guidance
-        rows.append({"strategy": "unguided" if name == "none" else name, "seconds_per_scan": median,
-                     "scans_per_min": 60.0 / median, "samples_s": [round(t, 3) for t in times[name]],
+    for label in strategies:
+        name = strategy_spec(label)[0]
+        median = statistics.median(times[label])
+        ratios = [t / u for t, u in zip(times[label], times["none"])] if "none" in times else []
+        detector = detectors[label]
+        g = detector.guidance
+        u_model = detector.estimator_model
+        rows.append({"strategy": "unguided" if label == "none" else label, "seconds_per_scan": median,
+                     "scans_per_min": 60.0 / median, "samples_s": [round(t, 3) for t in times[label]],
                      "vs_unguided": statistics.median(ratios) if ratios else None,
                      "vs_unguided_min": min(ratios) if ratios else None,
                      "vs_unguided_max": max(ratios) if ratios else None,
-                     "estimator": g.estimator if name != "none" else None,
+                     "estimator": (u_model.name if u_model is not None else g.estimator) if name != "none" else None,
                      "map_steps": g.map_steps if name in ("map", "cost_masking", "tto") else None,
                      "rounds": g.rounds if name == "iterative" else None,
+                     "guidance": dataclasses.asdict(g) if name != "none" else None,
                      "calibrate_s": calibrate_s})
     return rows
 
@@ -329,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 scan, shape = make_nifti(manifest, out)
                 for entry in measure_guided_predict(run_dir, scan, out / f"guided-{model}-{size}", args.guided_repeats,
-                                                    args.strategies):
+                                                    args.strategies, manifest):
                     entry.update(model=f"{model} ({size}²)", scan_shape=list(shape), load_average=load_average())
                     results["predict"].append(entry)
                 stages[f"guided predict {model} {size}"] = time.perf_counter() - start
@@ -377,9 +431,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guided-repeats", type=int, default=2,
                         help="timed guided predict calls per strategy, deformable run of the largest size "
                              "(default 2; 0 = skip)")
-    parser.add_argument("--strategies", nargs="+", default=None,
-                        help="guided predict strategies (default: none and every strategy a plain deformable run "
-                             "can score with)")
+    parser.add_argument("--strategies", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
+                        help="guided predict strategies, each optionally with GuidanceConfig overrides, e.g. "
+                             "cost_masking:map_steps=10,estimator=warped_residual (default: none and every strategy "
+                             "a plain deformable run can score with)")
     parser.add_argument("--evaluate-repeats", type=int, default=2, help="timed evaluate calls per run (default 2; 0 = skip)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temp folder)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
@@ -388,9 +443,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     known = guided_strategies()
     if args.strategies is None:
         args.strategies = known
-    unknown = sorted(set(args.strategies) - set(known))
+    try:
+        names = [strategy_spec(label)[0] for label in args.strategies]
+    except ValueError as err:
+        parser.error(str(err))
+    unknown = sorted(set(names) - set(known))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {known}")
+    if len(set(args.strategies)) != len(args.strategies):
+        parser.error("--strategies: each strategy once")
     if "none" not in args.strategies:
         args.strategies = ["none", *args.strategies]
     return args

@@ -300,6 +300,92 @@ def test_the_committed_val_search_is_in_the_repository():
     assert values, "the demo fell back to config defaults"
 
 
+#: tto_matched's fingerprint in the phantom benchmark's metrics.json (context.setup) of the run
+#: that produced the README numbers: it must not change when guidance_from learns new cases
+TTO_MATCHED_SETUP = ('{"chosen": {"guidance": {"map_lambda": 0.1, "softness": 1.0, "threshold": 6.0}, "train": null}, '
+                     '"config": null, "estimator": "residual_z", "guidance": {}, "guidance_from": "cost_masking", '
+                     '"kind": "guided", "mode": "deviation", "name": "tto_matched", "oracle_guided": false, '
+                     '"overrides": [], "run": "morphaeus", "strategy": "tto"}')
+
+
+def test_guidance_from_keeps_the_estimator_of_a_masked_strategy_and_the_rows_own_values():
+    from anomorph.benchmark.runner import chosen_values, seed_setup
+
+    chosen = {"cost_masking": {"estimator": "warped_residual", "map_lambda": 0.1, "threshold": 6.0, "map_steps": 30}}
+    fast = MethodSpec("cost_masking_fast", "guided", run="morphaeus", strategy="cost_masking",
+                      guidance_from="cost_masking", guidance={"map_steps": 10})
+    # cost masking cuts its mask from u: the chosen estimator is part of what was chosen
+    assert chosen_values(fast, chosen) == {"estimator": "warped_residual", "map_lambda": 0.1, "threshold": 6.0}
+    matched = MethodSpec("tto_matched", "guided", run="morphaeus", strategy="tto", guidance_from="cost_masking")
+    assert chosen_values(matched, chosen) == {"map_lambda": 0.1, "threshold": 6.0, "map_steps": 30}
+    # the shipped config with the committed val choices: tto_matched's fingerprint is unchanged
+    config = load_benchmark_config("benchmarks/phantom.yaml")
+    committed = json.loads(Path("benchmarks/results/phantom/selection/chosen.json").read_text())
+    phantom = next(d for d in config.datasets if d.name == "phantom")
+    assert seed_setup(config, phantom, committed)["tto_matched"] == TTO_MATCHED_SETUP
+
+
+def test_a_guidance_from_row_reaches_the_detector_with_its_own_steps(tiny_calibrated_run, tiny_phantom):
+    """A row like ``{name: cost_masking_fast, strategy: cost_masking, guidance_from: cost_masking,
+    guidance: {map_steps: N}}``, built as the benchmark builds it: cost masking's val-chosen values
+    (estimator included) and the row's own map_steps, and the loop really runs that many steps.
+    (The committed val check chose no such N; the row is not in phantom.yaml.)"""
+    from anomorph.benchmark.runner import chosen_values, guided_scorers
+    from anomorph.data.slices import SliceConfig
+    from anomorph.evaluation.evaluate import EvaluationData
+    from anomorph.runs import load_run
+
+    config = load_benchmark_config("benchmarks/phantom.yaml")
+    full = next(m for m in config.methods if m.name == "cost_masking")
+    steps = 3
+    fast = MethodSpec("cost_masking_fast", "guided", run="morphaeus", strategy="cost_masking",
+                      guidance_from="cost_masking", guidance={"map_steps": steps})
+    chosen = {"cost_masking": {"estimator": "warped_residual", "threshold": 6.0, "softness": 1.0, "map_lambda": 0.1,
+                               "map_steps": 30}}
+    data = EvaluationData.load(tiny_phantom, SliceConfig.from_config(load_run(tiny_calibrated_run)[1].data), 0.5)
+    scorers = {m.name: guided_scorers(m, tiny_calibrated_run, data, 0, chosen_values(m, chosen))[0]
+               for m in (fast, full)}
+    for name, scorer in scorers.items():
+        g = scorer.guidance
+        assert (g.strategy, g.threshold, g.softness, g.map_lambda) == ("cost_masking", 6.0, 1.0, 0.1)
+        assert scorer.estimator_model.name == "warped_residual"
+    assert scorers["cost_masking_fast"].guidance.map_steps == steps
+    assert scorers["cost_masking"].guidance.map_steps == 30
+    images, brains = data.test.images[:4], data.test.brain_masks[:4]
+    calls: dict[str, int] = {}
+    maps = {}
+    for name, detector in scorers.items():
+        impl = detector.scorer.strategy_impl
+        objective = impl.objective
+
+        def counted(*args, name=name, objective=objective, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return objective(*args, **kwargs)
+
+        impl.objective = counted
+        maps[name] = detector(images, brains).anomaly_map
+    # one objective per Adam step, plus the final evaluation at the optimised v
+    assert calls == {"cost_masking_fast": steps + 1, "cost_masking": 31}
+    assert float((maps["cost_masking_fast"] - maps["cost_masking"]).abs().max()) > 1e-6
+
+
+def test_the_committed_steps_check_follows_its_rule():
+    """benchmarks/results/speed/tto_steps_val.json: every row's verdict is the docstring's rule
+    applied to its numbers, and the chosen steps are the fewest passing ones."""
+    result = json.loads(Path("benchmarks/results/speed/tto_steps_val.json").read_text())
+    rule = result["rule"]
+    for row in result["rows"]:
+        paired = row["paired_per_subject"]
+        expected = row["map_steps"] == result["reference_steps"] or (
+            row["pooled_auprc_difference_mean"] >= rule["pooled_auprc_difference_mean_min"]
+            and paired["mean"] >= rule["paired_mean_min"] and paired["ci_low"] >= rule["paired_ci_low_min"])
+        assert row["passes"] == expected, row["map_steps"]
+        assert paired["n"] == 4 * len(result["seeds"])  # the lesion val subjects of every seed
+    assert result["chosen_steps"] == min(r["map_steps"] for r in result["rows"] if r["passes"])
+    assert not any("test" in key for seed in result["per_seed"].values()
+                   for step in seed["steps"].values() for key in step["per_subject_auprc"])
+
+
 def test_guidance_from_copies_another_rows_choices_without_its_estimator(tmp_path):
     from anomorph.benchmark.runner import chosen_values, method_setup
 

@@ -95,3 +95,21 @@ def test_end_to_end_tables_have_guided_predict_ratios_and_evaluate_rows():
     assert {"none", "gating", "map", "cost_masking", "tto", "iterative"} <= set(e2e.guided_strategies())
     args = e2e.parse_args(["--strategies", "map"])
     assert args.strategies == ["none", "map"]                    # the unguided reference is always timed
+
+
+def test_end_to_end_strategies_take_guidance_overrides():
+    import pytest
+
+    e2e = load("end_to_end")
+    assert e2e.strategy_spec("cost_masking") == ("cost_masking", {})
+    assert e2e.strategy_spec("cost_masking:map_steps=10,estimator=warped_residual,map_lambda=0.1") == (
+        "cost_masking", {"map_steps": 10, "estimator": "warped_residual", "map_lambda": 0.1})
+    with pytest.raises(ValueError, match="unknown guidance key"):
+        e2e.strategy_spec("cost_masking:steps=10")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        e2e.strategy_spec("cost_masking:10")
+    args = e2e.parse_args(["--strategies", "cost_masking", "cost_masking:map_steps=10"])
+    assert args.strategies == ["none", "cost_masking", "cost_masking:map_steps=10"]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--strategies", "warp_speed:map_steps=10"])
+    assert e2e._folder("cost_masking:map_steps=10,threshold=6") == "cost_masking_map_steps_10_threshold_6"

@@ -318,3 +318,93 @@ def test_guided_model_on_healthy_slices_is_close_to_unguided(tiny_phantom):
     assert float(m.mean()) < 0.05
     brain = test_brains > 0
     assert float((guided.warped - free.warped).abs()[brain].mean()) < 0.1 * float((test_images - free.warped).abs()[brain].mean())
+
+
+def _old_refine(impl, scorer, images, start, m):
+    """The test-time loop as it was before issue 15: every window moment filtered at every step."""
+    prior = start.reconstruction.detach()
+    velocity = start.velocity.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([velocity], lr=scorer.guidance.map_lr)
+    with torch.enable_grad():
+        for _ in range(scorer.guidance.map_steps):
+            objective, _ = impl.objective(scorer, images, prior, velocity, m, None)
+            optimiser.zero_grad()
+            objective.backward()
+            optimiser.step()
+    with torch.no_grad():
+        return impl.objective(scorer, images, prior, velocity.detach(), m, None)[1]
+
+
+def test_fixed_window_moments_give_the_same_loss_gradient_and_registration():
+    """The moments of (x, 1 − m) are filtered once per optimisation (issue 15): the loss, its
+    gradient and the optimised registration equal the per-step computation to float precision."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(3, 1, 32, 32, generator=g), torch.rand(3, 1, 32, 32, generator=g)
+    weight = (torch.rand(3, 1, 32, 32, generator=g) > 0.3).float()
+    fixed = losses.FixedWindowMoments(y, weight, 9)
+    grads = []
+    values = []
+    for moments in (None, fixed):
+        moving = x.clone().requires_grad_(True)
+        loss = losses.masked_local_ncc_loss(moving, y, weight, kernel_size=9, fixed=moments)
+        loss.backward()
+        values.append(float(loss.detach()))
+        grads.append(moving.grad)
+    assert values[0] == pytest.approx(values[1], abs=1e-6) and values[0] < -0.01
+    assert float((grads[0] - grads[1]).abs().max()) < 1e-6 and float(grads[0].abs().max()) > 1e-4
+    # moments of another image are not these: the check is not vacuous
+    other = losses.masked_local_ncc_loss(x, y, weight, kernel_size=9, fixed=losses.FixedWindowMoments(x, weight, 9))
+    assert abs(float(other) - values[0]) > 1e-3
+    with pytest.raises(ValueError, match="kernel size"):
+        losses.masked_local_ncc_loss(x, y, weight, kernel_size=7, fixed=fixed)
+
+    net = _network()
+    images, brain = _images()
+    lesion = torch.zeros_like(images)
+    lesion[:, :, 8:16, 8:16] = 1
+    for strategy in ("map", "cost_masking"):
+        scorer = GuidedScorer(net, _config(strategy, map_steps=8, dilation=1), strategy, oracle=True)
+        m, _ = scorer.guidance_mask(images, brain, lesion)
+        with torch.no_grad():
+            start = net(images)
+        new = scorer(images, brain, lesion_masks=lesion)
+        old = _old_refine(scorer.strategy_impl, scorer, images, start, m)
+        assert float((new.warped - start.warped).abs().max()) > 1e-3, strategy  # it did optimise
+        assert float((new.warped - old.warped).abs().max()) < 1e-5, strategy
+        assert float((new.displacement - old.displacement).abs().max()) < 1e-5, strategy
+
+
+def test_test_time_strategies_start_from_the_estimators_plain_pass():
+    """With an estimator that runs the plain pass (warped_residual), cost masking and MAP start
+    from it instead of running the network again (issue 15): one network pass instead of two,
+    the same prediction as from a fresh pass."""
+    from anomorph.scoring.sources import uncertainty_source
+
+    net = _network()
+    images, brain = _images()
+    healthy, healthy_brain = _images(seed=4)
+    source, _ = uncertainty_source("warped_residual", net, healthy, healthy_brain)
+
+    def without_start(network, x, brains):
+        signal = source(network, x, brains)
+        assert signal.start is not None  # warped_residual ran the plain pass
+        return GuidanceSignal(signal.uncertainty, signal.score)
+
+    passes = []
+    hook = net.register_forward_hook(lambda module, args, out: passes.append(1))
+    try:
+        for strategy in ("cost_masking", "map"):
+            config = _config(strategy, map_steps=6, threshold=0.5, dilation=0)
+            results = []
+            for signal_source in (source, without_start):
+                passes.clear()
+                results.append((GuidedScorer(net, config, strategy, signal_source)(images, brain), len(passes)))
+            (reused, n_reused), (fresh, n_fresh) = results
+            assert (n_reused, n_fresh) == (1, 2), strategy
+            assert float(reused.guidance_mask.max()) > 0 and float(reused.guidance_mask.min()) == 0.0
+            for field in ("anomaly_map", "warped", "displacement", "reconstruction"):
+                difference = (getattr(reused, field) - getattr(fresh, field)).abs().max()
+                assert float(difference) <= 1e-6, (strategy, field)
+            assert float((reused.warped - net(images).warped).abs().max()) > 1e-4  # it did optimise
+    finally:
+        hook.remove()

@@ -306,3 +306,29 @@ def test_evaluate_scores_a_run_with_its_calibrated_guidance(tiny_calibrated_run,
     assert guided.name.endswith("+gating") and "uncertainty_auroc" in guided.metrics
     assert "uncertainty_auroc" not in plain.metrics
     assert guided.metrics["pixel_auprc"] != plain.metrics["pixel_auprc"]
+
+
+def test_predict_guidance_option_sets_the_test_time_steps(tiny_calibrated_run, tiny_phantom, tmp_path, capsys):
+    """`anomorph predict --guidance cost_masking --guidance-option map_steps=N`: the detector runs
+    N Adam steps (recorded in the summary, and a different map from the default 30)."""
+    row = _test_row(tiny_phantom)
+    maps = {}
+    for steps in (None, 2):
+        out = tmp_path / f"steps{steps}"
+        extra = [] if steps is None else ["--guidance-option", f"map_steps={steps}", "--guidance-option", "map_lr=0.05"]
+        assert main(["predict", "--run", str(tiny_calibrated_run), str(row.image), "--guidance", "cost_masking",
+                     *extra, "--out", str(out)]) == 0
+        summary = json.loads(next(out.glob("*_summary.json")).read_text())
+        assert summary["guidance"]["strategy"] == "cost_masking"
+        assert summary["guidance"]["map_steps"] == (30 if steps is None else 2)
+        maps[steps] = np.asarray(nib.load(str(next(out.glob("*_anomaly.nii.gz")))).dataobj)
+    assert np.abs(maps[None] - maps[2]).max() > 1e-6
+    capsys.readouterr()
+    code = main(["predict", "--run", str(tiny_calibrated_run), str(row.image), "--guidance-option", "steps=3",
+                 "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "steps" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code = main(["predict", "--run", str(tiny_calibrated_run), str(row.image), "--guidance-option", "map_steps",
+                 "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "KEY=VALUE" in err

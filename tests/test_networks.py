@@ -568,3 +568,25 @@ def test_sub_pixel_transposed_convolution_is_the_same_function(stride, out_chann
     wrapped = sub_pixel_output_layers(torch.nn.Sequential(layer, torch.nn.ConvTranspose2d(5, 8, 4, 2, 1)))
     assert isinstance(wrapped[0], SubPixelConvTranspose2d)
     assert type(wrapped[1]) is torch.nn.ConvTranspose2d              # wide layers stay as they are
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros", "reflection"])
+def test_pixel_warp_equals_monai_warp_values_and_gradients(padding_mode):
+    """PixelWarp.forward (issue 15: no in-place slice writes, no advanced indexing) computes
+    exactly MONAI Warp.forward's grid: same warped values and gradients, 2D and 3D, non-square."""
+    from monai.networks.blocks import Warp
+
+    from anomorph.networks.deformation import PixelWarp
+
+    g = torch.Generator().manual_seed(7)
+    for shape in [(3, 2, 17, 33), (2, 1, 8, 9, 10)]:
+        spatial = len(shape) - 2
+        image = torch.rand(shape, generator=g).requires_grad_(True)
+        ddf = (3 * torch.randn(shape[0], spatial, *shape[2:], generator=g)).requires_grad_(True)
+        layer = PixelWarp(padding_mode=padding_mode)
+        ours, theirs = layer(image, ddf), Warp.forward(layer, image, ddf)
+        assert float((ours - theirs).abs().max()) <= 1e-6
+        assert float((ours - image).abs().max()) > 0.1  # it did move things
+        grads = [torch.autograd.grad(out.square().sum(), (image, ddf)) for out in (ours, theirs)]
+        for a, b in zip(*grads):
+            assert float((a - b).abs().max()) <= 1e-5 and float(a.abs().max()) > 0

@@ -177,8 +177,31 @@ def local_ncc_loss(
     return _reduce(values, reduction)
 
 
+class FixedWindowMoments:
+    """The window sums of :func:`masked_local_ncc_map` that depend only on the fixed image y and
+    the weight w (Σw, Σwy, Σwy² per window), computed once for an optimisation over x (the
+    test-time strategies register x̂ ∘ φ onto a fixed x; the result is the same as recomputing
+    them, they are merely not filtered again at every step). Attributes: ``y``, ``w`` and ``wy``
+    (expanded like x), ``n`` (Σw clamped at 1e-12), ``t_sum``, ``t2_sum``, ``kernel_size``."""
+
+    def __init__(self, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9) -> None:
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        with torch.no_grad():
+            y = y.detach()
+            channels = y.shape[1]
+            w = weight.detach().to(y.dtype).expand(y.shape[0], 1, *y.shape[2:]).expand_as(y)
+            kernel = torch.ones(kernel_size, dtype=y.dtype, device=y.device)
+            wy = w * y
+            n, t_sum, t2_sum = separable_filtering(torch.cat([w, wy, wy * y], dim=1),
+                                                   [kernel] * (y.ndim - 2)).split(channels, 1)
+        self.y, self.w, self.wy, self.kernel_size = y, w, wy, kernel_size
+        self.n, self.t_sum, self.t2_sum = n.clamp_min(1e-12), t_sum, t2_sum
+
+
 def masked_local_ncc_map(
-    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9, smooth_dr: float = 1e-5
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9, smooth_dr: float = 1e-5,
+    fixed: FixedWindowMoments | None = None,
 ) -> torch.Tensor:
     """Per-pixel −NCC² whose window statistics count each pixel with its ``weight``.
 
@@ -187,16 +210,26 @@ def masked_local_ncc_map(
     so a pixel with w = 0 contributes nothing to any window: changing x or y there leaves every
     value of the map unchanged (exactly, for finite inputs). With w ≡ 1 the map equals
     :func:`local_ncc_map` wherever the window lies inside the image. Values in [−1, 0].
+    ``fixed``: :class:`FixedWindowMoments` of this very (y, weight, kernel_size), reused instead of
+    filtering them again (y and weight are then taken from it).
     """
     _check_ncc_inputs(x, y, kernel_size)
     channels = x.shape[1]
     spatial_dims = x.ndim - 2
-    w = weight.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(x)
     kernel = torch.ones(kernel_size, dtype=x.dtype, device=x.device)
-    wx, wy = w * x, w * y
-    stacked = torch.cat([w, wy, wx, wy * y, wx * x, wy * x], dim=1)
-    n, t_sum, p_sum, t2_sum, p2_sum, tp_sum = separable_filtering(stacked, [kernel] * spatial_dims).split(channels, 1)
-    n = n.clamp_min(1e-12)
+    if fixed is not None:
+        if fixed.kernel_size != kernel_size or fixed.y.shape != x.shape:
+            raise ValueError("fixed window moments of another kernel size or shape")
+        w, wy, n, t_sum, t2_sum = fixed.w, fixed.wy, fixed.n, fixed.t_sum, fixed.t2_sum
+        wx = w * x
+        p_sum, p2_sum, tp_sum = separable_filtering(torch.cat([wx, wx * x, wy * x], dim=1),
+                                                    [kernel] * spatial_dims).split(channels, 1)
+    else:
+        w = weight.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(x)
+        wx, wy = w * x, w * y
+        stacked = torch.cat([w, wy, wx, wy * y, wx * x, wy * x], dim=1)
+        n, t_sum, p_sum, t2_sum, p2_sum, tp_sum = separable_filtering(stacked, [kernel] * spatial_dims).split(channels, 1)
+        n = n.clamp_min(1e-12)
     t_avg, p_avg = t_sum / n, p_sum / n
     cross = tp_sum - p_avg * t_sum
     t_var = torch.clamp(t2_sum - t_avg * t_sum, min=smooth_dr)
@@ -205,16 +238,18 @@ def masked_local_ncc_map(
 
 
 def masked_local_ncc_loss(
-    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kernel_size: int = 9,
+    fixed: FixedWindowMoments | None = None,
 ) -> torch.Tensor:
     """Cost-function-masked local NCC loss: per sample Σ_p w(p)·(−NCC²(p)) / Σ_p w(p) with the
     window statistics of :func:`masked_local_ncc_map`, then the mean over the batch.
 
     Pixels with w = 0 are excluded from both the windows and the average, so the loss does not
     depend on their intensities at all (the test changes them and compares to float precision).
-    A sample whose weights are all 0 contributes 0. Scalar in [−1, 0].
+    A sample whose weights are all 0 contributes 0. Scalar in [−1, 0]. ``fixed``: see
+    :func:`masked_local_ncc_map`.
     """
-    values = masked_local_ncc_map(x, y, weight, kernel_size)
+    values = masked_local_ncc_map(x, y, weight, kernel_size, fixed=fixed)
     w = weight.to(values.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(values)
     per_sample = (w * values).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
     return per_sample.mean()

@@ -68,8 +68,10 @@ class MethodSpec:
     own training, e.g. "conditioned") scored with ``strategy`` and ``estimator``;
     ``oracle_guided`` adds the same strategy with m = the dilated ground truth.
     ``guidance``: GuidanceConfig fields overriding the run's. ``guidance_from``: use the
-    val-chosen guidance values of that method instead of this one's own (the estimator is not
-    copied) — e.g. the ``tto`` control run with exactly the optimiser settings cost masking chose.
+    val-chosen guidance values of that method instead of this one's own (see
+    :func:`chosen_values`: the estimator is copied only to a strategy that uses a mask, and the
+    row's own ``guidance`` keys win) — e.g. the ``tto`` control run with exactly the optimiser
+    settings cost masking chose, or cost masking with its chosen values and fewer ``map_steps``.
     """
 
     name: str
@@ -337,11 +339,20 @@ def load_seed_data(config: BenchmarkConfig, manifest: Path, runs: dict[str, Path
 
 def chosen_values(method: MethodSpec, chosen_guidance: dict[str, Any]) -> dict[str, Any] | None:
     """The val-chosen guidance values a row uses: its own, or (``guidance_from``) another
-    method's without the estimator."""
+    method's. A copied estimator is kept only when the row's strategy cuts a mask from u
+    (``STRATEGIES[strategy].uses_mask``; e.g. a cheaper variant of cost masking keeps cost
+    masking's estimator, the ``tto_matched`` control drops it); a key the row sets in its own
+    ``guidance`` is not copied (the row's value is what it is about, e.g. ``map_steps``)."""
     if method.guidance_from is None:
         return chosen_guidance.get(method.name)
+    from ..scoring import STRATEGIES
+
     values = dict(chosen_guidance.get(method.guidance_from) or {})
-    values.pop("estimator", None)
+    strategy = STRATEGIES.get(method.strategy)
+    if strategy is None or not strategy.uses_mask:
+        values.pop("estimator", None)
+    for key in method.guidance:
+        values.pop(key, None)
     return values
 
 

@@ -35,7 +35,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..evaluation.predict import predict_files
     from ..scoring import Detector
 
-    detector = Detector.from_run(args.run, guidance=args.guidance, estimator=args.estimator, which=args.checkpoint)
+    detector = Detector.from_run(args.run, guidance=_guidance_arg(args), estimator=args.estimator,
+                                 which=args.checkpoint)
     if detector.calibration is None:
         print(f"note: {args.run} has no calibration (run `anomorph calibrate --run {args.run}`): no lesion masks, "
               f"no u for the unguided detector")
@@ -65,7 +66,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UserError(f"--estimator-option: options for {sorted(options)} but the calibrated estimator is "
                         f"{args.estimator or 'the run default'}; give options for one estimator, with --estimator")
     estimator = args.estimator or (next(iter(options)) if options else None)
-    result = calibrate(args.run, manifest=args.data, guidance=args.guidance, estimator=estimator,
+    result = calibrate(args.run, manifest=args.data, guidance=_guidance_arg(args), estimator=estimator,
                        estimator_options=options.get(estimator) if estimator else None,
                        which=args.checkpoint, calibration_fraction=args.calibration_fraction,
                        batch_size=args.batch_size)
@@ -88,8 +89,33 @@ def _guidance_option(parser: argparse.ArgumentParser, default_help: str) -> None
 
     parser.add_argument("--guidance", choices=sorted(STRATEGIES), default=None, metavar="STRATEGY",
                         help=f"guidance strategy ({', '.join(sorted(STRATEGIES))}); {default_help}")
+    parser.add_argument("--guidance-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="a guidance value over the setting, e.g. map_steps=10 (fewer test-time steps for "
+                             "map/cost_masking/tto) or threshold=6; repeatable (keys: GuidanceConfig fields)")
     parser.add_argument("--estimator", default=None, metavar="ESTIMATOR",
                         help="uncertainty estimator giving u (default: the run's guidance.estimator)")
+
+
+def _guidance_arg(args: argparse.Namespace):
+    """``--guidance`` and ``--guidance-option`` as one :func:`resolve_guidance` argument: the
+    strategy name alone, or a mapping of overrides (applied over the run's calibrated setting)."""
+    import yaml
+
+    from .main import UserError
+
+    if not args.guidance_option:
+        return args.guidance
+    values = {}
+    for item in args.guidance_option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or key.strip() == "strategy":
+            raise UserError(f"--guidance-option {item!r}: expected KEY=VALUE, e.g. map_steps=10 "
+                            f"(the strategy is --guidance)")
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise UserError(f"--guidance-option {item!r}: value is not valid YAML ({err})") from err
+    return {**values, **({"strategy": args.guidance} if args.guidance else {})}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,6 +24,10 @@ from torch import nn
 from anomorph.networks.blocks import ConvNormAct, conv_type, resize_to
 
 PADDING_MODES = ("border", "zeros", "reflection")
+try:  # MONAI's compiled resampler (not built in the CPU wheels this project installs)
+    from monai.networks.blocks.warp import USE_COMPILED as _MONAI_COMPILED
+except ImportError:  # pragma: no cover
+    _MONAI_COMPILED = False
 
 
 class PixelWarp(Warp):
@@ -45,6 +49,24 @@ class PixelWarp(Warp):
         if self.ref_grid is not None and (self.ref_grid.device != ddf.device or self.ref_grid.dtype != ddf.dtype):
             self.ref_grid = None
         return super().get_reference_grid(ddf, jitter=jitter, seed=seed)
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """MONAI ``Warp.forward``'s native path with the same arithmetic, without its per-axis
+        in-place slice writes and the advanced-indexing reversal of the axes (an index/index_put
+        pair with copies in forward and backward, ~a fifth of a test-time step on CPU): the
+        normalised grid is (p + d)·2 / max(n − 1, 1) − 1 per axis, the axes reversed by ``flip``.
+        The values are the same (tests/test_networks.py compares with ``Warp.forward``)."""
+        spatial_dims = image.ndim - 2
+        if (spatial_dims not in (2, 3) or self.jitter or _MONAI_COMPILED
+                or tuple(ddf.shape) != (image.shape[0], spatial_dims, *image.shape[2:])):
+            return super().forward(image, ddf)  # MONAI's checks, messages and compiled path
+        grid = self.get_reference_grid(ddf) + ddf
+        denominators = [float(max(n - 1, 1)) for n in ddf.shape[2:]]
+        scale = torch.tensor(denominators, dtype=grid.dtype, device=grid.device).view(1, spatial_dims,
+                                                                                     *[1] * spatial_dims)
+        grid = (grid * 2 / scale - 1).flip(1).movedim(1, -1)  # (B, *spatial, D): x, y(, z) order
+        return nn.functional.grid_sample(image, grid, mode=self._interp_mode_native,
+                                         padding_mode=self._padding_mode_native, align_corners=True)
 
 
 class VelocityIntegrator(DVF2DDF):

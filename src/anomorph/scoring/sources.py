@@ -22,7 +22,10 @@ def signal_function(model, normalise: bool) -> Callable[[nn.Module, torch.Tensor
 
     def source(net: nn.Module, images: torch.Tensor, brains: torch.Tensor) -> GuidanceSignal:
         out = model(net, images, brains)
-        return GuidanceSignal(out.uncertainty, out.extras["z"] if normalise else out.uncertainty)
+        start = None
+        if out.extras.get("velocity") is not None and out.extras.get("reconstruction") is not None:
+            start = (out.extras["reconstruction"], out.extras["velocity"])  # the estimator's unguided pass
+        return GuidanceSignal(out.uncertainty, out.extras["z"] if normalise else out.uncertainty, start)
 
     return source
 

@@ -42,10 +42,14 @@ class GuidanceSignal:
     uncertainty: u in [0, 1] (reported, scored by the uncertainty AUROC).
     score: what the guidance mask is cut from (same shape): the healthy z-score when u is
     healthy-normalised (``guidance.threshold`` is then in healthy standard deviations), else u.
+    start: (x̂, v) of the network's plain pass on these images when the estimator ran it (e.g.
+    ``warped_residual``), else None: the test-time strategies start from it instead of running
+    the same pass again.
     """
 
     uncertainty: torch.Tensor
     score: torch.Tensor
+    start: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # (network, images, brain_masks) -> GuidanceSignal
@@ -109,12 +113,15 @@ class TestTimeRegistration(Strategy):
     anchor: ClassVar[bool] = True
 
     def objective(self, scorer: "GuidedScorer", images: torch.Tensor, prior: torch.Tensor,
-                  velocity: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+                  velocity: torch.Tensor, m: torch.Tensor, fixed: losses.FixedWindowMoments | None = None
+                  ) -> tuple[torch.Tensor, ModelOutput]:
+        """The objective at ``velocity``; ``fixed``: the window moments of (x, 1 − m), which do
+        not depend on v (:class:`~anomorph.losses.FixedWindowMoments`; recomputed when None)."""
         g, window = scorer.guidance, scorer.config.train.ncc_window
         displacement = scorer.network.integrate(velocity)
         warped = scorer.network.warp(prior, displacement)
         if self.mask_similarity:
-            similarity = losses.masked_local_ncc_loss(warped, images, 1.0 - m, kernel_size=window)
+            similarity = losses.masked_local_ncc_loss(warped, images, 1.0 - m, kernel_size=window, fixed=fixed)
         else:
             similarity = losses.local_ncc_loss(warped, images, kernel_size=window)
         objective = similarity + g.map_lambda * losses.velocity_smoothness(velocity)
@@ -129,22 +136,25 @@ class TestTimeRegistration(Strategy):
         prior = start.reconstruction.detach()
         velocity = start.velocity.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([velocity], lr=scorer.guidance.map_lr)
+        # what does not depend on v is computed once (the same numbers as at every step)
+        fixed = (losses.FixedWindowMoments(images, 1.0 - m, scorer.config.train.ncc_window)
+                 if self.mask_similarity else None)
         with torch.enable_grad():
             for _ in range(scorer.guidance.map_steps):
-                objective, _ = self.objective(scorer, images, prior, velocity, m)
+                objective, _ = self.objective(scorer, images, prior, velocity, m, fixed)
                 if history is not None:
                     history.append(float(objective.detach()))
                 optimiser.zero_grad()
                 objective.backward()
                 optimiser.step()
         with torch.no_grad():
-            objective, out = self.objective(scorer, images, prior, velocity.detach(), m)
+            objective, out = self.objective(scorer, images, prior, velocity.detach(), m, fixed)
         if history is not None:
             history.append(float(objective))
         return out
 
     def register(self, scorer, images, brains, m):
-        return self.refine(scorer, images, scorer.network(images), m), m, None
+        return self.refine(scorer, images, scorer.plain_start(images), m), m, None
 
 
 class MAP(TestTimeRegistration):
@@ -241,6 +251,17 @@ class GuidedScorer(Scorer):
         self.residual_normaliser = residual_normaliser
         self.size = config.data.size
         self.name = name or f"{config.name}+{strategy}{'(oracle)' if oracle else ''}"
+        self._start: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def plain_start(self, images: torch.Tensor) -> ModelOutput:
+        """The plain pass a test-time optimisation starts from (x̂ and v are what it uses): the
+        one the uncertainty estimator ran on these very images in :meth:`guidance_mask`
+        (same network, eval mode, no grad: the same numbers), else ``network(images)``."""
+        cached, self._start = self._start, None
+        if cached is not None and cached[0] is images:
+            reconstruction, velocity = cached[1]
+            return ModelOutput(reconstruction, reconstruction, velocity)
+        return self.network(images)
 
     # ------------------------------------------------------------------ masks
     def mask_from(self, score: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
@@ -258,6 +279,7 @@ class GuidedScorer(Scorer):
         assert self.uncertainty is not None
         with torch.no_grad():
             signal = self.uncertainty(self.network, images, brain_masks)
+        self._start = None if signal.start is None else (images, signal.start)
         return self.mask_from(signal.score, brain_masks), signal.uncertainty.clamp(0, 1)
 
     # ------------------------------------------------------------------ scoring

@@ -40,6 +40,9 @@ class UncertaintyOutput:
     raw: ``(B, 1, *spatial)`` raw estimator map, ≥ 0, units documented per estimator.
     uncertainty: ``(B, 1, *spatial)`` u in [0, 1] (0 outside the brain mask when one was given).
     extras: further maps, e.g. ``mean`` / ``variance`` of x̂ over MC passes, ``displacement_std``.
+        The estimators that run the network's full unguided pass (``warped_residual``,
+        ``deformation``, ``noncorrespondence``) give its ``reconstruction`` and ``velocity``: a
+        test-time strategy starts from them instead of running the same pass again.
     """
 
     raw: torch.Tensor

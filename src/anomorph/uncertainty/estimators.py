@@ -764,7 +764,7 @@ class DeformationAtypicalityEstimator(UncertaintyEstimator):
             raw = torch.log(jacobian_determinant(out.displacement).clamp_min(1e-3)).abs()
         else:
             raw = out.displacement.norm(dim=1, keepdim=True)
-        return raw, {"reconstruction": out.reconstruction, "displacement": out.displacement}
+        return raw, {"reconstruction": out.reconstruction, "displacement": out.displacement, "velocity": out.velocity}
 
 
 class WarpedResidualEstimator(UncertaintyEstimator):
@@ -779,7 +779,8 @@ class WarpedResidualEstimator(UncertaintyEstimator):
     def estimate(self, network, images, generator):
         _require_deformable(self.name, network, "the registered residual")
         out = network(images)
-        return channel_rms((images - out.warped).abs()), {"reconstruction": out.reconstruction}
+        return channel_rms((images - out.warped).abs()), {"reconstruction": out.reconstruction,
+                                                          "velocity": out.velocity}
 
 
 class NonCorrespondenceEstimator(UncertaintyEstimator):
@@ -825,7 +826,8 @@ class NonCorrespondenceEstimator(UncertaintyEstimator):
         with eval_mode(head):
             logits = head(images, out.reconstruction, out.warped)
         return torch.nn.functional.softplus(logits), {"reconstruction": out.reconstruction,
-                                                      "probability": torch.sigmoid(logits)}
+                                                      "probability": torch.sigmoid(logits),
+                                                      "velocity": out.velocity}
 
 
 # ----------------------------------------------------------------------------- factory
