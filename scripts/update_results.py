@@ -1,6 +1,8 @@
 """Copy a benchmark's generated tables and figures into README.md and docs/results.md.
 
     .venv/bin/python scripts/update_results.py runs/benchmark --command "anomorph benchmark --config benchmarks/phantom.yaml"
+    .venv/bin/python scripts/update_results.py runs/benchmark128val --prefix val128- \
+        --results-copy benchmarks/results/phantom128val --command "anomorph benchmark --config benchmarks/phantom_128_val.yaml"
 
 Only the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers is replaced
 (NAME: ``results`` — mean ± std tables; ``paired`` — per-subject paired differences with
@@ -99,11 +101,11 @@ def replace(path: Path, name: str, new_block: str) -> None:
     path.write_text(text[:start] + f"{begin}\n{new_block}\n{end}" + text[stop:])
 
 
-def copy_figures(results_dir: Path, image_dir: Path) -> list[Path]:
+def copy_figures(results_dir: Path, image_dir: Path, prefix: str = "") -> list[Path]:
     copied = []
     for figure in sorted(list(results_dir.glob("*/figures/guidance_*.png"))
                          + list(results_dir.glob("*/figures/uncertainty_panels.png"))):
-        target = image_dir / f"{figure.parent.parent.name}_{figure.name}"
+        target = image_dir / f"{prefix}{figure.parent.parent.name}_{figure.name}"
         shutil.copyfile(figure, target)
         copied.append(target)
     return copied
@@ -118,16 +120,22 @@ def main() -> None:
     parser.add_argument("--uncertainty-doc", type=Path, default=Path("docs/uncertainty.md"))
     parser.add_argument("--results-copy", type=Path, default=Path("benchmarks/results"),
                         help="where the small result files are copied (committed)")
+    parser.add_argument("--prefix", default="",
+                        help="a second study: markers NAME become PREFIXNAME (e.g. val128-results), figures are "
+                             "copied as img/PREFIX<dataset>_<figure>.png, and the README is left alone")
     args = parser.parse_args()
-    replace(args.readme, "results", results_block(args.results_dir, args.command, True))
-    replace(args.results_doc, "results", results_block(args.results_dir, args.command, False))
+    prefix = args.prefix
+    if not prefix:
+        replace(args.readme, "results", results_block(args.results_dir, args.command, True))
+    replace(args.results_doc, f"{prefix}results", results_block(args.results_dir, args.command, False))
     if (args.results_dir / "paired.md").is_file():
-        replace(args.readme, "paired", paired_block(args.results_dir, args.command, True))
-        replace(args.results_doc, "paired", paired_block(args.results_dir, args.command, False))
-    replace(args.results_doc, "selection", selection_block(args.results_dir, args.command))
+        if not prefix:
+            replace(args.readme, "paired", paired_block(args.results_dir, args.command, True))
+        replace(args.results_doc, f"{prefix}paired", paired_block(args.results_dir, args.command, False))
+    replace(args.results_doc, f"{prefix}selection", selection_block(args.results_dir, args.command))
     if any(args.results_dir.glob("*/uncertainty/quality.md")):
-        replace(args.uncertainty_doc, "uquality", quality_block(args.results_dir, args.command))
-    figures = copy_figures(args.results_dir, args.results_doc.parent / "img")
+        replace(args.uncertainty_doc, f"{prefix}uquality", quality_block(args.results_dir, args.command))
+    figures = copy_figures(args.results_dir, args.results_doc.parent / "img", prefix)
     files = copy_result_files(args.results_dir, args.results_copy)
     print(f"updated {args.readme}, {args.results_doc} and {args.uncertainty_doc}; copied {len(figures)} figures "
           f"and {len(files)} result files to {args.results_copy}")
