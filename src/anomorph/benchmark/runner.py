@@ -383,10 +383,8 @@ def build_scorers(config: BenchmarkConfig, manifest: Path, seed: int, runs: dict
 def evaluate_seed(config: BenchmarkConfig, dataset: DatasetSpec, manifest: Path, seed: int,
                   runs: dict[str, Path], chosen: dict[str, Any] | None = None) -> Path:
     """Evaluate every method of one seed on one dataset; writes ``<dataset>/seed<S>/metrics.json``."""
-    from ..evaluation.evaluate import evaluate_scorer, write_results
+    from ..evaluation.evaluate import MethodResult, evaluate_scorer, write_results
     from ..evaluation.inference import OracleScorer
-
-    from ..evaluation.evaluate import MethodResult
 
     out = Path(config.output_dir) / dataset.name / f"seed{seed}"
     data = load_seed_data(config, manifest, runs)
