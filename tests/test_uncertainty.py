@@ -650,6 +650,11 @@ def test_combination_is_the_rule_over_separately_normalised_parts(rule):
     expected = {"max": zs.amax(0), "mean": zs.mean(0), "min": zs.amin(0)}[rule]
     out = outer(net, new)
     assert torch.allclose(out.raw, expected, atol=1e-5)
+    # the unguided pass a part ran is passed on as one (x̂, v) pair: a test-time strategy starts from it
+    with torch.no_grad():
+        plain = net.eval()(new)
+    assert torch.allclose(out.extras["velocity"], plain.velocity, atol=1e-6)
+    assert torch.allclose(out.extras["reconstruction"], plain.reconstruction, atol=1e-6)
     assert bool((out.raw < 0).any())  # a z-score: not clamped at 0 like other raw maps
     # the outer normaliser re-standardises the combination on its fit slices (per pixel)
     z_fit = outer(net, healthy).extras["z"]

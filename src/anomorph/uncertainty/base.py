@@ -128,6 +128,8 @@ class UncertaintyEstimator:
     #: raw-map units, for reports and docs
     units = ""
     default_scale = 1.0
+    #: raw maps are ≥ 0 (clamped at 0); a combination of z-scores (:mod:`.combined`) is signed
+    nonnegative_raw = True
 
     def __init__(self, seed: int = 0, scale: float | None = None) -> None:
         self.seed = int(seed)
@@ -144,6 +146,19 @@ class UncertaintyEstimator:
         """Raw map ``(B, 1, *spatial)`` ≥ 0 and extras; runs in eval mode under no_grad."""
         raise NotImplementedError
 
+    # healthy statistics of the estimator's own (a combination's part normalisers); none by default.
+    # HealthyNormaliser.fit calls fit_statistics first and saves / restores statistics_state.
+    def fit_statistics(self, network: nn.Module, healthy_images: torch.Tensor, brain_masks: torch.Tensor | None,
+                       **fit_options: Any) -> None:
+        """Fit statistics the estimator itself needs on healthy slices (``HealthyNormaliser.fit`` options)."""
+
+    def statistics_state(self) -> dict[str, torch.Tensor]:
+        """Tensors of those statistics (saved with the normaliser); {} when there are none."""
+        return {}
+
+    def load_statistics_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`statistics_state`."""
+
     def scale_for(self, network: nn.Module) -> float:
         """The squashing scale used for ``network`` (default: the ``scale`` option)."""
         return self.scale
@@ -159,7 +174,8 @@ class UncertaintyEstimator:
             generator = default_generator(self.seed)
         with torch.no_grad(), eval_mode(network):
             raw, extras = self.estimate(network, images, generator)
-        raw = raw.clamp_min(0)
+        if self.nonnegative_raw:
+            raw = raw.clamp_min(0)
         uncertainty = self.squash(raw, self.scale_for(network))
         if brain_masks is not None:
             uncertainty = uncertainty * (brain_masks.to(uncertainty.device) > 0)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import UncertaintyEstimator, UncertaintyOutput, check_images, default_generator, eval_mode
+from .base import UncertaintyEstimator
 from .normalise import HealthyNormaliser
 
 RULES = ("max", "mean", "min")
@@ -73,8 +73,8 @@ def canonical_estimator_name(name: str) -> str:
 class CombinedEstimator(UncertaintyEstimator):
     """``rule`` over the healthy z-scores of ``parts`` (see the module docstring).
 
-    Before use the part normalisers must be fitted: :meth:`fit_parts` (called by
-    :meth:`HealthyNormaliser.fit`) or :meth:`load_state_dict` (from a saved calibration).
+    Before use the part normalisers must be fitted: :meth:`fit_statistics` (called by
+    :meth:`HealthyNormaliser.fit`) or :meth:`load_statistics_state` (from a saved calibration).
     raw: ``(B, 1, *spatial)`` combined z-score (healthy SDs, may be negative); ``uncertainty``
     without a normaliser: 1 − exp(−max(raw, 0) / scale), scale default 2 SDs. Extras: each
     part's z-score as ``z_<part name>`` and the ``reconstruction`` of the first part that gives one.
@@ -83,6 +83,7 @@ class CombinedEstimator(UncertaintyEstimator):
 
     units = "healthy standard deviations (combined z-score)"
     default_scale = 2.0
+    nonnegative_raw = False  # a z-score: not clamped at 0
 
     def __init__(self, parts: Sequence[UncertaintyEstimator], rule: str = "max", seed: int = 0,
                  scale: float | None = None) -> None:
@@ -101,21 +102,21 @@ class CombinedEstimator(UncertaintyEstimator):
                 "parts": {part.name: part.options() for part in self.parts}}
 
     # ------------------------------------------------------------------ part statistics
-    def fit_parts(self, network: nn.Module, healthy_images: torch.Tensor, brain_masks: torch.Tensor | None,
-                  **fit_options: Any) -> None:
+    def fit_statistics(self, network: nn.Module, healthy_images: torch.Tensor, brain_masks: torch.Tensor | None,
+                       **fit_options: Any) -> None:
         """Fit one :class:`HealthyNormaliser` per part on the healthy slices (same options)."""
         self.normalisers = [HealthyNormaliser.fit(part, network, healthy_images, brain_masks, **fit_options)
                             for part in self.parts]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def statistics_state(self) -> dict[str, torch.Tensor]:
         """Tensors only: the part normalisers' states under ``part<i>.<key>``."""
         if self.normalisers is None:
             raise ConfigError(f"{self.name}: the part normalisers are not fitted")
         return {f"part{i}.{key}": value for i, normaliser in enumerate(self.normalisers)
                 for key, value in normaliser.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore the part normalisers from :meth:`state_dict`'s tensors."""
+    def load_statistics_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the part normalisers from :meth:`statistics_state`'s tensors."""
         normalisers = []
         for i, part in enumerate(self.parts):
             prefix = f"part{i}."
@@ -135,25 +136,16 @@ class CombinedEstimator(UncertaintyEstimator):
             out = normaliser(network, images, None, generator)
             zs.append(out.extras["z"])
             extras[f"z_{normaliser.name}"] = out.extras["z"]
-            if "reconstruction" in out.extras and "reconstruction" not in extras:
+            # x̂ (and v) of the first part that ran the network's pass, as one pair: tissue bins and
+            # the test-time strategies' start read them instead of running that pass again
+            if "velocity" in out.extras and "velocity" not in extras:
+                extras.update(reconstruction=out.extras["reconstruction"], velocity=out.extras["velocity"])
+            elif "reconstruction" in out.extras and "reconstruction" not in extras:
                 extras["reconstruction"] = out.extras["reconstruction"]
         stacked = torch.stack(zs)
         combined = {"max": lambda: stacked.amax(0), "min": lambda: stacked.amin(0),
                     "mean": lambda: stacked.mean(0)}[self.rule]()
         return combined, extras
-
-    def __call__(self, network: nn.Module, images: torch.Tensor, brain_masks: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> UncertaintyOutput:
-        # as the base class, but the raw map (a z-score) is not clamped at 0
-        check_images(network, images)
-        if generator is None:
-            generator = default_generator(self.seed)
-        with torch.no_grad(), eval_mode(network):
-            raw, extras = self.estimate(network, images, generator)
-        uncertainty = self.squash(raw, self.scale_for(network))
-        if brain_masks is not None:
-            uncertainty = uncertainty * (brain_masks.to(uncertainty.device) > 0)
-        return UncertaintyOutput(raw, uncertainty, extras)
 
     def __repr__(self) -> str:
         return f"CombinedEstimator({self.name!r}, fitted={self.normalisers is not None})"

@@ -141,11 +141,11 @@ class HealthyNormaliser:
             raise ConfigError(f"normaliser mode must be one of {MODES}, got {mode!r}")
         if healthy_images.shape[0] == 0:
             raise ConfigError("HealthyNormaliser.fit: no healthy slices to fit on")
-        fit_parts = getattr(estimator, "fit_parts", None)
-        if fit_parts is not None:  # a combination: z-score each part first (same slices and options)
-            fit_parts(network, healthy_images, brain_masks, mode=mode, batch_size=batch_size, smooth=smooth,
-                      floor=floor, min_count=min_count, z0=z0, temperature=temperature,
-                      n_intensity_bins=n_intensity_bins, n_gradient_bins=n_gradient_bins, generator=generator)
+        # the estimator's own statistics first (a combination z-scores each part on the same slices)
+        estimator.fit_statistics(network, healthy_images, brain_masks, mode=mode, batch_size=batch_size,
+                                 smooth=smooth, floor=floor, min_count=min_count, z0=z0, temperature=temperature,
+                                 n_intensity_bins=n_intensity_bins, n_gradient_bins=n_gradient_bins,
+                                 generator=generator)
         device = next(iter(network.parameters()), torch.empty(0)).device
         raws, contexts, insides = [], [], []
         for start in range(0, healthy_images.shape[0], batch_size):
@@ -223,26 +223,22 @@ class HealthyNormaliser:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only: ``mode`` (0 pixel, 1 tissue), ``mean``, ``std``, ``z0``,
         ``temperature``, ``n_fit``, in tissue mode ``intensity_edges``, ``gradient_edges``, and
-        for an estimator with statistics of its own (a combination) its ``state_dict()`` under
-        ``estimator.``."""
+        for an estimator with statistics of its own (a combination) its ``statistics_state()``
+        under ``estimator.``."""
         state = {"mode": torch.tensor(MODES.index(self.mode)), "mean": self.mean.clone(), "std": self.std.clone(),
                  "z0": torch.tensor(self.z0), "temperature": torch.tensor(self.temperature),
                  "n_fit": torch.tensor(self.n_fit)}
         if self.intensity_edges is not None and self.gradient_edges is not None:
             state["intensity_edges"] = self.intensity_edges.clone()
             state["gradient_edges"] = self.gradient_edges.clone()
-        estimator_state = getattr(self.estimator, "state_dict", None)
-        if estimator_state is not None:  # a combination's part statistics
-            state.update({f"{ESTIMATOR_PREFIX}{key}": value for key, value in estimator_state().items()})
+        state.update({f"{ESTIMATOR_PREFIX}{key}": value for key, value in self.estimator.statistics_state().items()})
         return state
 
     @classmethod
     def from_state(cls, estimator: UncertaintyEstimator, state: dict[str, torch.Tensor]) -> "HealthyNormaliser":
         """Rebuild from :meth:`state_dict` around ``estimator`` (the same estimator and options)."""
-        load = getattr(estimator, "load_state_dict", None)
-        if load is not None:
-            load({key[len(ESTIMATOR_PREFIX):]: value for key, value in state.items()
-                  if key.startswith(ESTIMATOR_PREFIX)})
+        estimator.load_statistics_state({key[len(ESTIMATOR_PREFIX):]: value for key, value in state.items()
+                                         if key.startswith(ESTIMATOR_PREFIX)})
         return cls(estimator, MODES[int(state["mode"])], state["mean"], state["std"], float(state["z0"]),
                    float(state["temperature"]), state.get("intensity_edges"), state.get("gradient_edges"),
                    int(state.get("n_fit", torch.tensor(0))))
