@@ -36,7 +36,6 @@ import anomorph  # noqa: F401,I001 - first: the threading setup before torch loa
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import os
 import re
 import shutil
@@ -49,6 +48,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from anomorph.data.io import write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -462,9 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(args)
     print(format_tables(results))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, results)}")
     return 0
 
 

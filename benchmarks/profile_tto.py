@@ -37,7 +37,6 @@ import anomorph  # noqa: F401,I001 - first: the threading setup before torch loa
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -47,6 +46,7 @@ from typing import Any, Sequence
 
 import torch
 import yaml
+from anomorph.data.io import write_json
 
 PARTS = ("integrate", "warp", "similarity", "smoothness", "backward", "adam")  # per Adam step
 
@@ -251,9 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args)
     print(format_table(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, result)}")
     return 0
 
 

@@ -190,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(args)
     print(format_table(results))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        from anomorph.data.io import write_json
+
+        print(f"wrote {write_json(args.json, results)}")
     return 0
 
 

@@ -48,6 +48,7 @@ import anomorph  # noqa: F401,I001
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from anomorph.data.io import write_json
 from anomorph.config import config_to_dict, load_config
 from anomorph import losses as loss_module
 from anomorph.training.module import AnomalyModule, is_deformable
@@ -950,9 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"demo (end to end, {args.demo}): {results['demo']['total_s']:.0f} s = "
               + ", ".join(f"{k} {v:.0f} s" for k, v in results["demo"]["stages_s"].items()))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, results, allow_nan=False)}")
     return 0
 
 

@@ -46,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+from anomorph.data.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "anomorph.tto_steps_check/1"
@@ -220,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(result)
     print(table)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, result)}")
     return 0
 
 

@@ -17,10 +17,12 @@ error, not a memory bomb.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -217,6 +219,12 @@ def atomic_write(path: Path, write) -> Path:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def write_json(path: Path, payload: Any, allow_nan: bool = True) -> Path:
+    """``payload`` as indented JSON (+ newline) at ``path``, atomically; the parent folder is created."""
+    text = json.dumps(payload, indent=2, allow_nan=allow_nan) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_like(array: np.ndarray, geometry: ImageGeometry, path: Path) -> Path:
