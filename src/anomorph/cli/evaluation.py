@@ -98,23 +98,21 @@ def _guidance_option(parser: argparse.ArgumentParser, default_help: str) -> None
 
 def _guidance_arg(args: argparse.Namespace):
     """``--guidance`` and ``--guidance-option`` as one :func:`resolve_guidance` argument: the
-    strategy name alone, or a mapping of overrides (applied over the run's calibrated setting)."""
-    import yaml
-
+    strategy name alone, or a mapping of overrides (applied over the run's calibrated setting;
+    KEY=VALUE parsed as the config overrides are, by :func:`anomorph.config.apply_overrides`)."""
+    from ..config import apply_overrides
+    from ..errors import ConfigError
     from .main import UserError
 
     if not args.guidance_option:
         return args.guidance
-    values = {}
     for item in args.guidance_option:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip() or key.strip() == "strategy":
-            raise UserError(f"--guidance-option {item!r}: expected KEY=VALUE, e.g. map_steps=10 "
-                            f"(the strategy is --guidance)")
-        try:
-            values[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise UserError(f"--guidance-option {item!r}: value is not valid YAML ({err})") from err
+        if item.partition("=")[0].strip() == "strategy":
+            raise UserError(f"--guidance-option {item!r}: the strategy is --guidance")
+    try:
+        values = apply_overrides({}, args.guidance_option)
+    except ConfigError as err:
+        raise UserError(f"--guidance-option: {err}") from err
     return {**values, **({"strategy": args.guidance} if args.guidance else {})}
 
 
