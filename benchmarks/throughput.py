@@ -263,7 +263,11 @@ def build_module(model: str, size: int, config_dir: Path = CONFIG_DIR) -> Anomal
 class Workload:
     """A model at one size: its training step and inference pass on a fixed random batch."""
 
-    def __init__(self, model: str, size: int, batch_size: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, model: str, size: int, batch_size: int, device: torch.device, seed: int = 0,
+                 training_layout: bool = True) -> None:
+        """``training_layout``: store the network and batch as ``anomorph fit`` does (channels-last
+        on CPU, :meth:`AnomalyModule.memory_format`); False: NCHW, as ``predict`` runs a loaded
+        network (for inference and uncertainty timings)."""
         torch.manual_seed(seed)
         self.model = model
         self.size = size
@@ -274,9 +278,12 @@ class Workload:
         config = self.module.run_config
         # Registration on, final weight: the cost of a training step after the warm-up.
         self.beta = config.train.beta_end if is_deformable(config) else None
+        # the layout and optimiser `anomorph fit` uses (channels-last on CPU, foreach Adam)
+        self.layout = self.module.apply_memory_format(device) if training_layout else torch.contiguous_format
         self.optimizer = self.module.configure_optimizers()
         generator = torch.Generator().manual_seed(seed)
         self.x = torch.rand(batch_size, 1, size, size, generator=generator).to(device)
+        self.x = self.x.contiguous(memory_format=self.layout)
 
     @property
     def parameters(self) -> int:
@@ -304,38 +311,48 @@ class Workload:
         return count_flops(self.infer)
 
 
-def benchmark_workload(workload: Workload, probe: MatmulProbe, repeats: int, warmup: int) -> dict[str, Any]:
+def benchmark_workload(workload: Workload, probe: MatmulProbe, repeats: int, warmup: int,
+                       inference_workload: Workload | None = None) -> dict[str, Any]:
+    """Training step of ``workload`` and inference pass of ``inference_workload`` (default: the
+    same; pass one built with ``training_layout=False`` to time inference as predict runs it)."""
     images = workload.batch_size
+    inference_workload = inference_workload or workload
     train_flops = workload.count_train_flops()
-    infer_flops = workload.count_inference_flops()
+    infer_flops = inference_workload.count_inference_flops()
     train = paired_rates(workload.train_step, train_flops, probe, repeats, warmup, images)
     train.update(peak_memory(workload.train_step, workload.device))
-    inference = paired_rates(workload.infer, infer_flops, probe, repeats, warmup, images)
-    inference.update(peak_memory(workload.infer, workload.device))
+    inference = paired_rates(inference_workload.infer, infer_flops, probe, repeats, warmup, images)
+    inference.update(peak_memory(inference_workload.infer, inference_workload.device))
     return {"train": train, "inference": inference}
 
 
 # --------------------------------------------------------------------------- training-step variants
-TRAIN_VARIANTS = ("default", "channels_last", "foreach_adam", "fused_adam", "bf16_autocast")
+TRAIN_VARIANTS = ("default", "nchw+loop_adam", "channels_last", "foreach_adam", "fused_adam", "bf16_autocast")
 
 
 class VariantWorkload(Workload):
     """A :class:`Workload` whose training step runs one variant (same seed, same batch, same
-    initial weights as ``default``): ``channels_last`` (network and batch stored NHWC),
-    ``foreach_adam`` / ``fused_adam`` (``torch.optim.Adam(foreach=True)`` / ``(fused=True)``),
-    ``bf16_autocast`` (forward and loss under ``torch.autocast(device, torch.bfloat16)``)."""
+    initial weights as ``default``). ``default`` is what ``anomorph fit`` does
+    (:meth:`AnomalyModule.memory_format` — channels-last on CPU — and
+    :meth:`AnomalyModule.configure_optimizers` — Adam with ``foreach``); ``nchw+loop_adam`` is the
+    setup before that (NCHW network and batch, PyTorch's default per-parameter Adam loop on CPU);
+    ``channels_last`` and ``foreach_adam`` each add one of the two changes to ``nchw+loop_adam``;
+    ``fused_adam`` is ``default`` with ``torch.optim.Adam(fused=True)``; ``bf16_autocast`` is
+    ``default`` with the forward and loss under ``torch.autocast(device, torch.bfloat16)``."""
 
     def __init__(self, variant: str, model: str, size: int, batch_size: int, device: torch.device) -> None:
         super().__init__(model, size, batch_size, device)
         self.variant = variant
+        if variant in ("default", "bf16_autocast"):
+            return
         config = self.module.run_config.train
-        if variant == "channels_last":
-            self.network.to(memory_format=torch.channels_last)
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
-        if variant in ("foreach_adam", "fused_adam"):
-            flag = {"foreach": True} if variant == "foreach_adam" else {"fused": True}
-            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr,
-                                              weight_decay=config.weight_decay, **flag)
+        layout = (torch.channels_last if variant == "channels_last"
+                  else self.layout if variant == "fused_adam" else torch.contiguous_format)
+        self.network.to(memory_format=layout)
+        self.x = self.x.contiguous(memory_format=layout)
+        flag = {"fused": True} if variant == "fused_adam" else {"foreach": variant == "foreach_adam"}
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay, **flag)
 
     def train_step(self) -> float:
         if self.variant != "bf16_autocast":
@@ -874,7 +891,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         for size in ([] if args.uncertainty_only else args.sizes):
             workload = Workload(model, size, args.batch_size, device)
             entry["parameters"] = workload.parameters
-            figures = benchmark_workload(workload, probe, args.repeats, args.warmup)
+            figures = benchmark_workload(workload, probe, args.repeats, args.warmup,
+                                         Workload(model, size, args.batch_size, device, training_layout=False))
             all_rates += figures["train"]["matmul_gflops_samples"] + figures["inference"]["matmul_gflops_samples"]
             entry["sizes"][str(size)] = figures
             print(f"  measured {model} {size}² (load {load_average()})", file=sys.stderr, flush=True)
@@ -884,7 +902,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             entry["uncertainty"] = {"available": False, "reason": "skipped (--no-uncertainty)", "size": size}
         else:
             entry["uncertainty"] = benchmark_uncertainty(
-                Workload(model, size, args.batch_size, device), args.repeats, args.warmup
+                Workload(model, size, args.batch_size, device, training_layout=False), args.repeats, args.warmup
             )
         results["models"][model] = entry
     results["matmul"] = {

@@ -16,7 +16,8 @@ def test_tiny_fit_writes_run_dir_and_follows_beta_schedule(tiny_phantom, tmp_pat
     run = fit(config, run_dir=tmp_path / "run")
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
-    assert sorted(p.name for p in (run / "figures").glob("*.png")) == [f"val_epoch00{i}.png" for i in range(3)]
+    # figures at the first epoch and the last of max_epochs = 3 (figure_every_n_epochs = 5)
+    assert sorted(p.name for p in (run / "figures").glob("*.png")) == ["val_epoch000.png", "val_epoch002.png"]
     assert list((run / "logs" / "tensorboard" / "session0").glob("events.out.tfevents*"))
     rows = read_training_log(run)
     beta = {int(r["epoch"]): float(r["train/beta"]) for r in rows if r.get("train/beta")}
@@ -29,6 +30,21 @@ def test_tiny_fit_writes_run_dir_and_follows_beta_schedule(tiny_phantom, tmp_pat
     x = torch.rand(2, 1, 32, 32)
     out = network(x)
     assert out.warped.shape == x.shape and out.displacement.shape == (2, 2, 32, 32)
+
+
+def test_validation_figures_every_n_epochs_and_at_the_end(tiny_phantom, tmp_path):
+    def figures(run):
+        return sorted(int(p.stem[-3:]) for p in (run / "figures").glob("val_epoch*.png"))
+
+    run = fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=4, figure_every_n_epochs=2),
+              run_dir=tmp_path / "every2")
+    assert figures(run) == [0, 2, 3]
+    steps_per_epoch = load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] // 4
+    # stopped by max_steps after epoch 1 of 10: the last validated epoch is drawn at the end
+    run = fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=10, max_steps=2 * steps_per_epoch,
+                              figure_every_n_epochs=5), run_dir=tmp_path / "stopped")
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert figures(run) == [0, 1]
 
 
 def test_resume_continues_from_saved_step(tiny_phantom, tmp_path):
@@ -65,6 +81,49 @@ class _Payload:
         import os
 
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_channels_last_training_is_the_same_function(tiny_phantom, tmp_path):
+    """On CPU fit stores the 2-d network and its batches channels-last; the weights it learns equal
+    an NCHW fit's up to float rounding, and the checkpoint loads into a plain (NCHW) network."""
+    import lightning as L
+
+    from anomorph.config import config_to_dict
+    from anomorph.data.types import SliceBatch
+    from anomorph.training.module import AnomalyModule
+
+    seen = []
+
+    class LayoutProbe(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            conv = next(m for m in module.network.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+            seen.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+
+    runs = {}
+    for flag in (True, False):
+        config = tiny_run_config(tiny_phantom, model="morphaeus", max_epochs=2, channels_last=flag)
+        seen.clear()
+        runs[flag] = fit(config, run_dir=tmp_path / f"cl{flag}", callbacks=[LayoutProbe()])
+        assert seen and set(seen) == {flag}
+    a, b = (load_checkpoint(runs[f] / "checkpoints" / "last.ckpt")["state_dict"] for f in (True, False))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-3
+    network, _ = load_run(runs[True])
+    x = torch.rand(2, 1, 32, 32)
+    assert network(x).warped.shape == x.shape
+    on = AnomalyModule(config_to_dict(tiny_run_config(tiny_phantom, model="ae")))
+    assert on.memory_format(torch.device("cpu")) is torch.channels_last
+    assert on.memory_format(torch.device("cuda")) is torch.contiguous_format
+    assert AnomalyModule(config_to_dict(config)).memory_format(torch.device("cpu")) is torch.contiguous_format
+    # batches follow (a 1-channel NCHW tensor already counts as channels-last: use 3 channels)
+    on._layout = on.apply_memory_format(torch.device("cpu"))
+    image = torch.rand(2, 3, 8, 8)
+    batch = SliceBatch(image=image, mask=torch.zeros(2, 1, 8, 8), brain_mask=torch.ones(2, 1, 8, 8),
+                       healthy=torch.zeros(2, 1, 8, 8), has_healthy=torch.zeros(2, dtype=torch.bool),
+                       label=torch.zeros(2, dtype=torch.long))
+    moved = on.in_layout(batch)
+    assert moved.image.stride() == (192, 1, 24, 3) and torch.equal(moved.image, image)
 
 
 def test_malicious_checkpoint_is_refused_without_running(tmp_path):

@@ -7,7 +7,7 @@ Run directory layout::
     RUN_DIR/checkpoints/best.ckpt  lowest val/loss on healthy val slices
     RUN_DIR/logs/csv/sessionN/metrics.csv   CSV log of the N-th (re)start (read all: read_training_log)
     RUN_DIR/logs/tensorboard/sessionN/      TensorBoard events
-    RUN_DIR/figures/val_epochNNN.png  reconstructions per validation epoch
+    RUN_DIR/figures/val_epochNNN.png  reconstructions (first, every train.figure_every_n_epochs-th, last epoch)
     RUN_DIR/.anomorph.lock         flock held by the fit writing this directory (its PID inside)
     RUN_DIR/calibration/           healthy normaliser + FPR thresholds (``anomorph calibrate``; run at
                                    the end of ``fit`` when the manifest has val rows)
