@@ -403,3 +403,32 @@ def test_guidance_from_copies_another_rows_choices_without_its_estimator(tmp_pat
                     "  - {name: t, kind: guided, run: t, strategy: tto, guidance_from: nowhere}\n")
     with pytest.raises(ConfigError, match="guidance_from 'nowhere'"):
         load_benchmark_config(path)
+
+
+def test_uncertainty_quality_spec_reads_its_own_ensemble_directory(tiny_phantom, tiny_calibrated_run, tmp_path):
+    """``{name: ensemble, options: {run_dir: ENSEMBLE}}`` scores the val-chosen run with u from
+    ENSEMBLE's members (it once collided with the scored run's directory: TypeError)."""
+    import torch
+    import yaml
+
+    from anomorph.benchmark.uncertainty_quality import spec_source
+    from anomorph.scoring.sources import uncertainty_source
+    from anomorph.training import fit, load_run
+    from conftest import tiny_run_config
+
+    second = fit(tiny_run_config(tiny_phantom, max_epochs=1), run_dir=tmp_path / "second")
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    (ensemble / "ensemble.yaml").write_text(yaml.safe_dump({"members": [str(tiny_calibrated_run), str(second)]}))
+    network, _ = load_run(tiny_calibrated_run)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 1, 32, 32, generator=generator)
+    brains = torch.ones(6, 1, 32, 32)
+    spec = {"name": "ensemble", "options": {"run_dir": str(ensemble)}}
+    got = spec_source(spec, network, images[:4], brains[:4], 0, tiny_calibrated_run)(network, images[4:], brains[4:])
+    direct, _ = uncertainty_source("ensemble", network, images[:4], brains[:4], True, 0, "pixel", ensemble)
+    want = direct(network, images[4:], brains[4:])
+    assert torch.allclose(got.score, want.score) and torch.allclose(got.uncertainty, want.uncertainty)
+    assert float(got.uncertainty.max()) > 0  # two different members: a spread
+    with pytest.raises(ConfigError, match="ensemble"):  # the scored run itself is no ensemble
+        spec_source({"name": "ensemble"}, network, images[:4], brains[:4], 0, tiny_calibrated_run)

@@ -49,7 +49,6 @@ def _safe(function, scores, labels) -> float | None:
 def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     from ..evaluation.evaluate import EvaluationData, evaluate_scorer
     from ..scoring.strategies import GuidedScorer
-    from ..scoring.sources import uncertainty_source
     from ..training import load_run
     from ..training.datamodule import slice_config
     from .runner import _log, ensure_dataset
@@ -96,9 +95,7 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
         _log(f"uncertainty quality: {label}")
         normalise = spec.get("mode", "pixel") != "none"
         spec_guidance = guidance if normalise else raw_guidance
-        source, _ = uncertainty_source(spec["name"], network, healthy_images, healthy_brains, normalise, chosen["seed"],
-                                       spec.get("mode", "pixel") if normalise else "pixel", run_dir,
-                                       **(spec.get("options") or {}))
+        source = spec_source(spec, network, healthy_images, healthy_brains, chosen["seed"], run_dir)
         z_parts, u_parts = [], []
         for start in range(0, len(val), config.batch_size):
             s = slice(start, min(start + config.batch_size, len(val)))
@@ -133,6 +130,21 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
         {"threshold": tau, "seed": chosen["seed"], "run": str(run_dir), "specs": config.uncertainty_quality,
          "gating": _gating_choices(chosen)}, indent=2)))
     return atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def spec_source(spec: dict[str, Any], network, healthy_images, healthy_brains, seed: int, run_dir: str | Path):
+    """The guidance source of one ``uncertainty_quality`` spec on the scored ``network`` (the run
+    ``run_dir``). ``options.run_dir``, when given, is the estimator's own directory — the
+    ``ensemble`` estimator's ensemble (``anomorph fit --ensemble K``), trained on the same data —
+    and replaces the scored run's directory for the estimator only."""
+    from ..scoring.sources import uncertainty_source
+
+    options = dict(spec.get("options") or {})
+    estimator_dir = options.pop("run_dir", run_dir)
+    normalise = spec.get("mode", "pixel") != "none"
+    source, _ = uncertainty_source(spec["name"], network, healthy_images, healthy_brains, normalise, seed,
+                                   spec.get("mode", "pixel") if normalise else "pixel", estimator_dir, **options)
+    return source
 
 
 RAW_GATING = "gating_head"  # the benchmark method whose val-chosen values gate with a raw (unnormalised) u
