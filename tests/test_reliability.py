@@ -100,6 +100,8 @@ def test_last_checkpoint_is_the_last_epoch_whatever_val_does(tiny_phantom, tmp_p
     best = load_checkpoint(run / "checkpoints" / "best.ckpt")
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert best["epoch"] == 0 and last["epoch"] == 2
+    # best.ckpt is for scoring: no optimizer state; last.ckpt keeps everything resume needs
+    assert "optimizer_states" not in best and last["optimizer_states"]
     steps = [int(r["step"]) for r in read_training_log(run) if r.get("train/loss_epoch")]
     assert last["global_step"] == steps[-1] + 1
     assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])

@@ -4,7 +4,7 @@ Run directory layout::
 
     RUN_DIR/config.yaml            resolved config (every default filled in)
     RUN_DIR/checkpoints/last.ckpt  state after the latest finished epoch (resume from here)
-    RUN_DIR/checkpoints/best.ckpt  lowest val/loss on healthy val slices
+    RUN_DIR/checkpoints/best.ckpt  lowest val/loss on healthy val slices (weights only: no optimizer state)
     RUN_DIR/logs/csv/sessionN/metrics.csv   CSV log of the N-th (re)start (read all: read_training_log)
     RUN_DIR/logs/tensorboard/sessionN/      TensorBoard events
     RUN_DIR/figures/val_epochNNN.png  reconstructions (first, every train.figure_every_n_epochs-th, last epoch)
@@ -252,7 +252,9 @@ def _build_trainer(config: RunConfig, run_dir: Path, devices: Any, strategy: str
     """The Trainer (nothing is written yet); a setting Lightning refuses is a ConfigError."""
     t = config.train
     checkpoint_dir = run_dir / "checkpoints"
-    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss",
+    # best.ckpt is for scoring (resume reads last.ckpt): weights, config, epoch and step only, no
+    # optimizer state (a third of the bytes for Adam), so an improving epoch writes less
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss", save_weights_only=True,
                            mode="min", save_top_k=1, save_last=False, enable_version_counter=False)
     callbacks: list = [best, LastCheckpoint(checkpoint_dir), *extra_callbacks]
     if t.early_stopping_patience > 0:
