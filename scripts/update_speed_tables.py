@@ -6,7 +6,10 @@ Only the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers 
 ``speed-mc`` from ``mc_dropout.json`` (``benchmarks/throughput.py --uncertainty-only ... --json``),
 ``speed-e2e`` from ``end_to_end.json`` (``benchmarks/end_to_end.py ... --json``), ``speed-train``
 from ``train_variants.json`` (``benchmarks/throughput.py --train-variants ... --json``),
-``speed-matmul`` from ``throughput_idle.json`` (``benchmarks/throughput.py ... --json``),
+``speed-matmul`` from ``throughput_idle.json`` (``benchmarks/throughput.py ... --json``;
+``speed-matmul-nchw`` / ``speed-matmul-nchw-active`` from ``throughput_idle_nchw.json`` /
+``throughput_idle_nchw_active.json``: the same command before fit went channels-last, with
+OMP_WAIT_POLICY PASSIVE / ACTIVE),
 ``speed-threads-ae`` / ``speed-threads-morphaeus`` from ``thread_setup_ae64.json`` /
 ``thread_setup_morphaeus128.json`` (``benchmarks/thread_setup.py ... --json``),
 ``tto-steps-val`` from ``tto_steps_val.json`` (``scripts/tto_steps_check.py ... --json``),
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-json", type=Path, default=SPEED / "end_to_end.json")
     parser.add_argument("--train-json", type=Path, default=SPEED / "train_variants.json")
     parser.add_argument("--matmul-json", type=Path, default=SPEED / "throughput_idle.json")
+    parser.add_argument("--matmul-nchw-json", type=Path, default=SPEED / "throughput_idle_nchw.json")
+    parser.add_argument("--matmul-nchw-active-json", type=Path, default=SPEED / "throughput_idle_nchw_active.json")
     parser.add_argument("--threads-ae-json", type=Path, default=SPEED / "thread_setup_ae64.json")
     parser.add_argument("--threads-morphaeus-json", type=Path, default=SPEED / "thread_setup_morphaeus128.json")
     parser.add_argument("--steps-json", type=Path, default=SPEED / "tto_steps_val.json")
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                        ("speed-e2e", args.e2e_json, e2e_block, args.e2e_command),
                                        ("speed-train", args.train_json, train_block, None),
                                        ("speed-matmul", args.matmul_json, matmul_block, None),
+                                       ("speed-matmul-nchw", args.matmul_nchw_json, matmul_block, None),
+                                       ("speed-matmul-nchw-active", args.matmul_nchw_active_json, matmul_block, None),
                                        ("speed-threads-ae", args.threads_ae_json, threads_block, None),
                                        ("speed-threads-morphaeus", args.threads_morphaeus_json, threads_block, None),
                                        ("tto-steps-val", args.steps_json, steps_block, None),
