@@ -66,7 +66,7 @@ class TrainConfig:
         128² deformable-AE step about 1.2x faster; benchmarks/README.md). Same function, float
         rounding differs. Ignored on other devices and for 3-d networks.
     figure_every_n_epochs: write ``figures/val_epochNNN.png`` at the first validated epoch, every
-        n-th epoch and the last one (a figure costs about 0.3 s, 5 % of a 64² phantom epoch).
+        n-th epoch and the last one (a figure costs about 0.3 s on 2 CPU cores).
     accelerator / devices / strategy / precision: passed to Lightning's Trainer.
     """
 

@@ -42,6 +42,7 @@ class AnomalyModule(L.LightningModule):
         # (epoch, images, output) of the latest validation's first batch, and the last epoch drawn
         self._figure_sample: tuple[int, torch.Tensor, ModelOutput] | None = None
         self._figure_written: int | None = None
+        self._layout = torch.contiguous_format  # set by on_fit_start (memory_format)
 
     # ------------------------------------------------------------------ loss
     def registration_weight(self, epoch: int) -> float | None:
@@ -217,8 +218,7 @@ class AnomalyModule(L.LightningModule):
     def in_layout(self, batch: SliceBatch) -> SliceBatch:
         """``batch`` with its images in the layout set by :meth:`on_fit_start` (a 1-channel NCHW
         tensor already counts as channels-last, so this only copies multi-channel inputs)."""
-        layout = getattr(self, "_layout", torch.contiguous_format)
-        if layout is not torch.contiguous_format and batch.image.ndim == 4:
-            batch = dataclasses.replace(batch, image=batch.image.contiguous(memory_format=layout))
+        if self._layout is not torch.contiguous_format and batch.image.ndim == 4:
+            batch = dataclasses.replace(batch, image=batch.image.contiguous(memory_format=self._layout))
         return batch
 
