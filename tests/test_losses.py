@@ -118,6 +118,35 @@ def test_local_ncc_matches_monai_and_is_near_zero_for_independent_noise():
     assert torch.allclose(local_ncc_loss(x3, y3, kernel_size=5), expected3, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 40, 36), (2, 3, 10, 12, 14)])
+def test_window_sums_in_the_fast_layout_equal_nchw_values_and_gradients(shape):
+    """The CPU speed path (channels-last depthwise filtering) must not change a value or a
+    gradient: compared with MONAI's separable filtering of the same tensor kept NCHW."""
+    from monai.networks.layers import separable_filtering
+
+    from anomorph.losses import _depthwise_layout, _gaussian_window, _separable_valid_filter, _window_sums
+
+    stacked = textured(shape)
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    assert _depthwise_layout(stacked).is_contiguous(memory_format=layout)
+    kernel = [torch.ones(5)] * (len(shape) - 2)
+    fast_input, slow_input = stacked.clone().requires_grad_(True), stacked.clone().requires_grad_(True)
+    fast, slow = _window_sums(fast_input, 5), separable_filtering(slow_input, kernel)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0)
+    weights = textured(shape, seed=1)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    assert torch.allclose(fast_input.grad, slow_input.grad, atol=1e-4, rtol=1e-6)  # grads up to ~100
+    taps = _gaussian_window(5, 1.5, torch.float32, torch.device("cpu"))
+    valid = _separable_valid_filter(stacked, taps)
+    reference = stacked
+    for axis in range(len(shape) - 2):  # the plain NCHW definition of a 'valid' separable filter
+        view = [1] * (len(shape) - 2)
+        view[axis] = 5
+        reference = reference.unfold(2 + axis, 5, 1).mul(taps.view(*view[axis:axis + 1])).sum(-1)
+    assert torch.allclose(valid, reference, atol=1e-5, rtol=0)
+
+
 def test_local_ncc_weight_masks_pixels():
     x = textured((1, 1, 32, 32))
     weight = torch.zeros(1, 1, 32, 32)

@@ -8,7 +8,8 @@ weighted means still divide by the pixel count, so a weight of 1 everywhere equa
 SSIM, local NCC and bending energy reproduce MONAI's ``SSIMLoss``,
 ``LocalNormalizedCrossCorrelationLoss`` and ``BendingEnergyLoss`` (the tests compare them).
 SSIM and NCC filter their five local moments in one depthwise pass (several times faster on
-CPU than MONAI's five); bending energy avoids MONAI's deprecated list indexing.
+CPU than MONAI's five), channels-last on CPU (:func:`_depthwise_layout`); bending energy avoids
+MONAI's deprecated list indexing.
 """
 from __future__ import annotations
 
@@ -36,8 +37,29 @@ def _gaussian_window(win_size: int, sigma: float, dtype: torch.dtype, device: to
     return (taps / taps.sum()).to(dtype=dtype, device=device)
 
 
+def _depthwise_layout(stacked: torch.Tensor) -> torch.Tensor:
+    """``stacked`` ``(B, N, *spatial)`` in the memory layout its depthwise filtering is fastest in:
+    channels-last on CPU for 2-d and 3-d images, unchanged elsewhere. oneDNN's depthwise
+    convolution on CPU runs 2-5x faster (forward + backward) channels-last than NCHW for the
+    window sums here; the values are the same (tests/test_losses.py compares both layouts).
+    Measured by benchmarks/profile_tto.py and benchmarks/throughput.py (benchmarks/README.md).
+    Unmeasured on GPUs, so left alone there."""
+    if stacked.device.type != "cpu" or stacked.ndim not in (4, 5):
+        return stacked
+    layout = torch.channels_last if stacked.ndim == 4 else torch.channels_last_3d
+    return stacked.contiguous(memory_format=layout)
+
+
+def _window_sums(stacked: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Zero-padded ``kernel_size``^d box sums of every channel of ``(B, N, *spatial)`` (MONAI's
+    ``separable_filtering`` with a rectangular kernel, laid out by :func:`_depthwise_layout`)."""
+    kernel = torch.ones(kernel_size, dtype=stacked.dtype, device=stacked.device)
+    return separable_filtering(_depthwise_layout(stacked), [kernel] * (stacked.ndim - 2))
+
+
 def _separable_valid_filter(stacked: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Depthwise 'valid' filtering of ``(B, N, *spatial)`` with the same 1D taps along every axis."""
+    stacked = _depthwise_layout(stacked)
     spatial_dims = stacked.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
     channels = stacked.shape[1]
@@ -142,11 +164,9 @@ def local_ncc_map(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 9, smooth
     """
     _check_ncc_inputs(x, y, kernel_size)
     channels = x.shape[1]
-    spatial_dims = x.ndim - 2
-    kernel = torch.ones(kernel_size, dtype=x.dtype, device=x.device)
-    window = float(kernel_size**spatial_dims)
+    window = float(kernel_size ** (x.ndim - 2))
     stacked = torch.cat([y, x, y * y, x * x, y * x], dim=1)
-    t_sum, p_sum, t2_sum, p2_sum, tp_sum = separable_filtering(stacked, [kernel] * spatial_dims).split(channels, 1)
+    t_sum, p_sum, t2_sum, p2_sum, tp_sum = _window_sums(stacked, kernel_size).split(channels, 1)
     t_avg = t_sum / window
     p_avg = p_sum / window
     cross = tp_sum - p_avg * t_sum
@@ -191,10 +211,8 @@ class FixedWindowMoments:
             y = y.detach()
             channels = y.shape[1]
             w = weight.detach().to(y.dtype).expand(y.shape[0], 1, *y.shape[2:]).expand_as(y)
-            kernel = torch.ones(kernel_size, dtype=y.dtype, device=y.device)
             wy = w * y
-            n, t_sum, t2_sum = separable_filtering(torch.cat([w, wy, wy * y], dim=1),
-                                                   [kernel] * (y.ndim - 2)).split(channels, 1)
+            n, t_sum, t2_sum = _window_sums(torch.cat([w, wy, wy * y], dim=1), kernel_size).split(channels, 1)
         self.y, self.w, self.wy, self.kernel_size = y, w, wy, kernel_size
         self.n, self.t_sum, self.t2_sum = n.clamp_min(1e-12), t_sum, t2_sum
 
@@ -215,20 +233,17 @@ def masked_local_ncc_map(
     """
     _check_ncc_inputs(x, y, kernel_size)
     channels = x.shape[1]
-    spatial_dims = x.ndim - 2
-    kernel = torch.ones(kernel_size, dtype=x.dtype, device=x.device)
     if fixed is not None:
         if fixed.kernel_size != kernel_size or fixed.y.shape != x.shape:
             raise ValueError("fixed window moments of another kernel size or shape")
         w, wy, n, t_sum, t2_sum = fixed.w, fixed.wy, fixed.n, fixed.t_sum, fixed.t2_sum
         wx = w * x
-        p_sum, p2_sum, tp_sum = separable_filtering(torch.cat([wx, wx * x, wy * x], dim=1),
-                                                    [kernel] * spatial_dims).split(channels, 1)
+        p_sum, p2_sum, tp_sum = _window_sums(torch.cat([wx, wx * x, wy * x], dim=1), kernel_size).split(channels, 1)
     else:
         w = weight.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:]).expand_as(x)
         wx, wy = w * x, w * y
         stacked = torch.cat([w, wy, wx, wy * y, wx * x, wy * x], dim=1)
-        n, t_sum, p_sum, t2_sum, p2_sum, tp_sum = separable_filtering(stacked, [kernel] * spatial_dims).split(channels, 1)
+        n, t_sum, p_sum, t2_sum, p2_sum, tp_sum = _window_sums(stacked, kernel_size).split(channels, 1)
         n = n.clamp_min(1e-12)
     t_avg, p_avg = t_sum / n, p_sum / n
     cross = tp_sum - p_avg * t_sum
