@@ -113,6 +113,30 @@ def test_integrator_follows_dtype_and_batch_changes():
     assert torch.allclose(double_out, torch.ones_like(double_out))
 
 
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+def test_integrator_in_grid_sample_frame_equals_monai_dvf2ddf(padding_mode):
+    """VelocityIntegrator.forward integrates in grid_sample's normalised frame (issue 15): the
+    same map as MONAI's DVF2DDF recursion in pixels (float64: to 1e-9, values and gradients),
+    2-d and 3-d, non-square; float32 differs by rounding only."""
+    from monai.networks.blocks import DVF2DDF
+
+    g = torch.Generator().manual_seed(11)
+    for shape in [(3, 2, 17, 33), (2, 3, 8, 9, 10)]:
+        velocity = 2.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+        integrator = VelocityIntegrator(num_steps=5, padding_mode=padding_mode)
+        ours_input, theirs_input = velocity.clone().requires_grad_(True), velocity.clone().requires_grad_(True)
+        ours, theirs = integrator(ours_input), DVF2DDF.forward(integrator, theirs_input)
+        assert ours.shape == theirs.shape and ours.is_contiguous()
+        assert float((ours - theirs).detach().abs().max()) <= 1e-9
+        assert float((ours.detach() - velocity).abs().max()) > 0.1  # the composition did something
+        weights = torch.rand(shape, generator=g, dtype=torch.float64)
+        (ours * weights).sum().backward()
+        (theirs * weights).sum().backward()
+        assert float((ours_input.grad - theirs_input.grad).abs().max()) <= 1e-9
+        single = integrator(velocity.float())
+        assert float((single.double() - theirs.detach()).abs().max()) <= 2e-3  # pixels
+
+
 def test_zero_integration_steps_use_the_velocity_as_displacement():
     velocity = torch.randn(1, 2, 8, 8)
     assert torch.equal(VelocityIntegrator(num_steps=0)(velocity), velocity)

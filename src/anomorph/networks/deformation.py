@@ -50,6 +50,27 @@ class PixelWarp(Warp):
             self.ref_grid = None
         return super().get_reference_grid(ddf, jitter=jitter, seed=seed)
 
+    def native_path(self, ddf: torch.Tensor) -> bool:
+        """Whether this layer warps with torch's ``grid_sample`` itself (2-d/3-d, no jitter, no
+        MONAI compiled resampler) instead of handing over to MONAI's ``Warp.forward``."""
+        return ddf.ndim in (4, 5) and not self.jitter and not _MONAI_COMPILED
+
+    def normalised_identity(self, ddf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``grid_sample``'s frame for a DDF like ``ddf`` ``(B, D, *spatial)``: the identity grid
+        ``(1, *spatial, D)`` in normalised [-1, 1] coordinates, axes in x, y(, z) order (the
+        reverse of the tensor's), and the ``(D,)`` factors 2 / max(n − 1, 1) (same order) that
+        turn pixels into normalised units (``align_corners=True``). Cached per shape/dtype/device."""
+        key = (tuple(ddf.shape[2:]), ddf.dtype, ddf.device)
+        if getattr(self, "_identity_key", None) != key:
+            sizes = ddf.shape[2:]
+            factors = torch.tensor([2.0 / max(n - 1, 1) for n in reversed(sizes)], dtype=ddf.dtype,
+                                   device=ddf.device)
+            axes = torch.meshgrid(*[torch.arange(n, dtype=ddf.dtype, device=ddf.device) for n in sizes],
+                                  indexing="ij")
+            identity = torch.stack(axes[::-1], dim=-1) * factors - 1
+            self._identity_key, self._identity = key, (identity.unsqueeze(0), factors)
+        return self._identity
+
     def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """MONAI ``Warp.forward``'s native path with the same arithmetic, without its per-axis
         in-place slice writes and the advanced-indexing reversal of the axes (an index/index_put
@@ -57,7 +78,7 @@ class PixelWarp(Warp):
         normalised grid is (p + d)·2 / max(n − 1, 1) − 1 per axis, the axes reversed by ``flip``.
         The values are the same (tests/test_networks.py compares with ``Warp.forward``)."""
         spatial_dims = image.ndim - 2
-        if (spatial_dims not in (2, 3) or self.jitter or _MONAI_COMPILED
+        if (not self.native_path(ddf)
                 or tuple(ddf.shape) != (image.shape[0], spatial_dims, *image.shape[2:])):
             return super().forward(image, ddf)  # MONAI's checks, messages and compiled path
         grid = self.get_reference_grid(ddf) + ddf
@@ -89,9 +110,26 @@ class VelocityIntegrator(DVF2DDF):
         self.warp_layer = PixelWarp(mode=mode, padding_mode=padding_mode)
 
     def forward(self, dvf: torch.Tensor) -> torch.Tensor:
+        """MONAI ``DVF2DDF``'s recursion, d ← d/2**steps, then ``steps`` times d ← d + d ∘ (id + d),
+        carried out in ``grid_sample``'s own frame: the field is kept channel-last in normalised
+        units and x, y(, z) order, so each composition is one ``grid_sample`` and one add, without
+        building a pixel grid, rescaling, flipping and transposing it at every step (forward and
+        backward: about a third of the integration's time on CPU, a fifth of a test-time step).
+        Bilinear interpolation commutes with the per-axis scaling, so this is the same map up to
+        float rounding (tests/test_networks.py compares it with MONAI's ``DVF2DDF``)."""
         if self.num_steps == 0:
             return dvf
-        return super().forward(dvf)
+        warp_layer = self.warp_layer
+        if not warp_layer.native_path(dvf) or dvf.shape[1] != dvf.ndim - 2:
+            return super().forward(dvf)
+        identity, factors = warp_layer.normalised_identity(dvf)
+        field = dvf.movedim(1, -1).flip(-1) * (factors / 2**self.num_steps)  # (B, *spatial, D), normalised
+        for _ in range(self.num_steps):
+            sampled = nn.functional.grid_sample(
+                field.movedim(-1, 1), identity + field, mode=warp_layer._interp_mode_native,
+                padding_mode=warp_layer._padding_mode_native, align_corners=True)
+            field = field + sampled.movedim(1, -1)
+        return (field / factors).flip(-1).movedim(-1, 1).contiguous()
 
 
 def integrate_velocity(
