@@ -120,8 +120,9 @@ def test_local_ncc_matches_monai_and_is_near_zero_for_independent_noise():
 
 @pytest.mark.parametrize("shape", [(3, 5, 40, 36), (2, 3, 10, 12, 14)])
 def test_window_sums_in_the_fast_layout_equal_nchw_values_and_gradients(shape):
-    """The CPU speed path (channels-last depthwise filtering) must not change a value or a
-    gradient: compared with MONAI's separable filtering of the same tensor kept NCHW."""
+    """The CPU speed path (channels-last depthwise filtering, zero padding inside the
+    convolutions) must not change a value or a gradient beyond float rounding: compared with
+    MONAI's separable filtering (explicit padded copies) of the same tensor kept NCHW."""
     from monai.networks.layers import separable_filtering
 
     from anomorph.losses import _depthwise_layout, _gaussian_window, _separable_valid_filter, _window_sums
@@ -132,7 +133,7 @@ def test_window_sums_in_the_fast_layout_equal_nchw_values_and_gradients(shape):
     kernel = [torch.ones(5)] * (len(shape) - 2)
     fast_input, slow_input = stacked.clone().requires_grad_(True), stacked.clone().requires_grad_(True)
     fast, slow = _window_sums(fast_input, 5), separable_filtering(slow_input, kernel)
-    assert torch.allclose(fast, slow, atol=1e-5, rtol=0)
+    assert torch.allclose(fast, slow, atol=1e-6, rtol=1e-6)  # sums up to ~75: float rounding
     weights = textured(shape, seed=1)
     (fast * weights).sum().backward()
     (slow * weights).sum().backward()

@@ -8,13 +8,12 @@ weighted means still divide by the pixel count, so a weight of 1 everywhere equa
 SSIM, local NCC and bending energy reproduce MONAI's ``SSIMLoss``,
 ``LocalNormalizedCrossCorrelationLoss`` and ``BendingEnergyLoss`` (the tests compare them).
 SSIM and NCC filter their five local moments in one depthwise pass (several times faster on
-CPU than MONAI's five), channels-last on CPU (:func:`_depthwise_layout`); bending energy avoids
-MONAI's deprecated list indexing.
+CPU than MONAI's five), channels-last on CPU (:func:`_depthwise_layout`), NCC's zero padding done
+by the convolutions (:func:`_window_sums`); bending energy avoids MONAI's deprecated list indexing.
 """
 from __future__ import annotations
 
 import torch
-from monai.networks.layers import separable_filtering
 from torch.nn import functional as F
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -51,10 +50,20 @@ def _depthwise_layout(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _window_sums(stacked: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Zero-padded ``kernel_size``^d box sums of every channel of ``(B, N, *spatial)`` (MONAI's
-    ``separable_filtering`` with a rectangular kernel, laid out by :func:`_depthwise_layout`)."""
-    kernel = torch.ones(kernel_size, dtype=stacked.dtype, device=stacked.device)
-    return separable_filtering(_depthwise_layout(stacked), [kernel] * (stacked.ndim - 2))
+    """Zero-padded ``kernel_size``^d box sums (odd ``kernel_size``) of every channel of
+    ``(B, N, *spatial)``, same shape: MONAI's ``separable_filtering`` with a rectangular kernel,
+    laid out by :func:`_depthwise_layout`, and zero-padded by each 1-d convolution itself
+    instead of by a padded copy per axis (``F.pad``: a fill and a copy forward, a slice copy
+    backward). Equal to MONAI's up to float rounding (tests/test_losses.py)."""
+    stacked = _depthwise_layout(stacked)
+    channels, spatial_dims = stacked.shape[1], stacked.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
+    sums = stacked
+    for axis in reversed(range(spatial_dims)):  # MONAI's order: the last axis first
+        shape, padding = [channels, 1] + [1] * spatial_dims, [0] * spatial_dims
+        shape[2 + axis], padding[axis] = kernel_size, kernel_size // 2
+        sums = conv(sums, stacked.new_ones(shape), padding=tuple(padding), groups=channels)
+    return sums
 
 
 def _separable_valid_filter(stacked: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
