@@ -16,12 +16,14 @@ with the given guidance values:
 
 The loop is re-implemented here with timers around each part of
 :meth:`anomorph.scoring.strategies.TestTimeRegistration.objective`, twice per round: **before**
-(every window moment of the masked LNCC filtered at every step and MONAI's ``Warp.forward``, the
-computation until issue 15) and **after** (the moments of (x, 1 − m), which do not depend on v,
-filtered once: :class:`anomorph.losses.FixedWindowMoments`;
+(every window moment of the masked LNCC filtered at every step, in the NCHW layout, MONAI's
+``Warp.forward`` and ``DVF2DDF.forward``: the computation until issue 15) and **after** (the
+moments of (x, 1 − m), which do not depend on v, filtered once:
+:class:`anomorph.losses.FixedWindowMoments`; window sums filtered channels-last;
 :meth:`anomorph.networks.deformation.PixelWarp.forward`, the same grid arithmetic without the
-in-place slice writes and advanced indexing; the start pass reused from the estimator; all as the
-code does now). Both results are
+in-place slice writes and advanced indexing; the integrator's compositions in ``grid_sample``'s
+own frame, and the Adam steps' warp there too (``MorphAEus.warp_by_velocity``); the start pass
+reused from the estimator; all as the code does now). Both results are
 checked against the detector's own output (max |Δ anomaly map|, printed). Nothing here is a test.
 
 Usage::
@@ -56,27 +58,35 @@ def _now() -> float:
 
 
 @contextlib.contextmanager
-def _warp(before: bool):
-    """``before``: warp with MONAI's ``Warp.forward`` (as until issue 15) instead of
-    :meth:`anomorph.networks.deformation.PixelWarp.forward` (same values, fewer copies)."""
-    from monai.networks.blocks import Warp
+def _code_before(before: bool):
+    """``before``: warp with MONAI's ``Warp.forward``, integrate with MONAI's ``DVF2DDF.forward``
+    and filter the window sums in the NCHW layout, as until issue 15, instead of
+    :meth:`anomorph.networks.deformation.PixelWarp.forward`,
+    :meth:`anomorph.networks.deformation.VelocityIntegrator.forward` and
+    :func:`anomorph.losses._depthwise_layout` (same values up to rounding, fewer and faster ops)."""
+    from monai.networks.blocks import DVF2DDF, Warp
 
-    from anomorph.networks.deformation import PixelWarp
+    from anomorph import losses
+    from anomorph.networks.deformation import PixelWarp, VelocityIntegrator
 
-    saved = PixelWarp.forward
+    saved = PixelWarp.forward, VelocityIntegrator.forward, losses._depthwise_layout
     if before:
-        PixelWarp.forward = Warp.forward
+        PixelWarp.forward, VelocityIntegrator.forward = Warp.forward, DVF2DDF.forward
+        losses._depthwise_layout = lambda stacked: stacked
     try:
         yield
     finally:
-        PixelWarp.forward = saved
+        PixelWarp.forward, VelocityIntegrator.forward, losses._depthwise_layout = saved
 
 
 def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bool) -> tuple[dict[str, float], Any]:
     """One Adam loop of ``scorer.strategy_impl`` with per-part wall seconds (summed over steps).
     ``reuse``: the code as it is now (the window moments of (x, 1 − m) filtered once,
-    :class:`FixedWindowMoments`; ``PixelWarp.forward``); False: as before issue 15 (every moment
-    filtered at every step; MONAI's ``Warp.forward``)."""
+    :class:`FixedWindowMoments`; anomorph's warp, integrator and filter layout; the Adam steps
+    integrate and warp in ``grid_sample``'s frame unless the anchor term needs the displacement
+    in pixels, as :meth:`TestTimeRegistration.objective` with ``with_output=False``); False: as before
+    issue 15 (every moment filtered at every step; MONAI's ``Warp.forward`` and ``DVF2DDF.forward``,
+    NCHW filtering: :func:`_code_before`)."""
     from anomorph import losses
     from anomorph.networks import ModelOutput
 
@@ -91,10 +101,14 @@ def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bo
     seconds["fixed_moments"] = _now() - t0
 
     def objective(v: torch.Tensor, timed: bool) -> tuple[torch.Tensor, Any]:
+        # the Adam steps of the code as it is now, without the anchor term, integrate and warp
+        # in grid_sample's frame (MorphAEus.warp_by_velocity, split here into its two parts)
+        fused = reuse and timed and not impl.anchor
         t0 = _now()
-        displacement = net.integrate(v)
+        field = net.integrator.normalised_field(v) if fused else None
+        displacement = net.integrate(v) if field is None else None
         t1 = _now()
-        warped = net.warp(prior, displacement)
+        warped = net.warp(prior, displacement) if field is None else net.warper.warp_normalised(prior, field)
         t2 = _now()
         if impl.mask_similarity:
             similarity = losses.masked_local_ncc_loss(warped, images, 1.0 - m, kernel_size=window, fixed=fixed)
@@ -110,7 +124,7 @@ def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bo
                 seconds[name] += value
         return total, ModelOutput(prior, warped, v, displacement)
 
-    with torch.enable_grad(), _warp(before=not reuse):
+    with torch.enable_grad(), _code_before(not reuse):
         for _ in range(g.map_steps):
             total, _ = objective(velocity, True)
             optimiser.zero_grad()
@@ -121,7 +135,7 @@ def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bo
             seconds["backward"] += t1 - t0
             seconds["adam"] += _now() - t1
     t0 = _now()
-    with torch.no_grad(), _warp(before=not reuse):
+    with torch.no_grad(), _code_before(not reuse):
         _, out = objective(velocity.detach(), False)
     seconds["final"] = _now() - t0
     return seconds, out

@@ -321,13 +321,14 @@ def test_guided_model_on_healthy_slices_is_close_to_unguided(tiny_phantom):
 
 
 def _old_refine(impl, scorer, images, start, m):
-    """The test-time loop as it was before issue 15: every window moment filtered at every step."""
+    """The test-time loop with every window moment filtered at every step, as before issue 15
+    (the rest as the loop is now, so that only the moments' reuse is compared)."""
     prior = start.reconstruction.detach()
     velocity = start.velocity.detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([velocity], lr=scorer.guidance.map_lr)
     with torch.enable_grad():
         for _ in range(scorer.guidance.map_steps):
-            objective, _ = impl.objective(scorer, images, prior, velocity, m, None)
+            objective, _ = impl.objective(scorer, images, prior, velocity, m, None, with_output=False)
             optimiser.zero_grad()
             objective.backward()
             optimiser.step()

@@ -89,6 +89,15 @@ class PixelWarp(Warp):
         return nn.functional.grid_sample(image, grid, mode=self._interp_mode_native,
                                          padding_mode=self._padding_mode_native, align_corners=True)
 
+    def warp_normalised(self, image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        """``image`` ``(B, C, *spatial)`` warped by a displacement given in ``grid_sample``'s frame,
+        ``field`` ``(B, *spatial, D)`` in normalised units, x, y(, z) order (as
+        :meth:`VelocityIntegrator.normalised_field` returns it): the same as ``forward`` with that
+        displacement in pixels, up to float rounding. Native path only (:meth:`native_path`)."""
+        identity, _ = self.normalised_identity(field.movedim(-1, 1))
+        return nn.functional.grid_sample(image, identity + field, mode=self._interp_mode_native,
+                                         padding_mode=self._padding_mode_native, align_corners=True)
+
 
 class VelocityIntegrator(DVF2DDF):
     """exp(v) by scaling and squaring (MONAI ``DVF2DDF``) with a device/dtype-safe warp.
@@ -111,25 +120,36 @@ class VelocityIntegrator(DVF2DDF):
 
     def forward(self, dvf: torch.Tensor) -> torch.Tensor:
         """MONAI ``DVF2DDF``'s recursion, d ← d/2**steps, then ``steps`` times d ← d + d ∘ (id + d),
-        carried out in ``grid_sample``'s own frame: the field is kept channel-last in normalised
-        units and x, y(, z) order, so each composition is one ``grid_sample`` and one add, without
-        building a pixel grid, rescaling, flipping and transposing it at every step (forward and
-        backward: about a third of the integration's time on CPU, a fifth of a test-time step).
-        Bilinear interpolation commutes with the per-axis scaling, so this is the same map up to
-        float rounding (tests/test_networks.py compares it with MONAI's ``DVF2DDF``)."""
+        carried out in ``grid_sample``'s own frame (:meth:`normalised_field`), the result
+        converted back to pixels, ``(B, D, *spatial)``. Bilinear interpolation commutes with the
+        per-axis scaling, so this is the same map up to float rounding (tests/test_networks.py
+        compares it with MONAI's ``DVF2DDF``)."""
         if self.num_steps == 0:
             return dvf
+        field = self.normalised_field(dvf)
+        if field is None:
+            return super().forward(dvf)
+        _, factors = self.warp_layer.normalised_identity(dvf)
+        return (field / factors).flip(-1).movedim(-1, 1).contiguous()
+
+    def normalised_field(self, dvf: torch.Tensor) -> torch.Tensor | None:
+        """exp(v) − id for ``dvf`` ``(B, D, *spatial)`` in pixels, returned in ``grid_sample``'s
+        frame: channel-last ``(B, *spatial, D)``, normalised units (``align_corners=True``), axes
+        in x, y(, z) order. Each composition is one ``grid_sample`` and one add, without building
+        a pixel grid, rescaling, flipping and transposing it at every step (forward and backward:
+        about a third of the integration's time on CPU). None where that path does not apply
+        (1-d, jitter, MONAI's compiled resampler, a channel count other than D): use ``forward``."""
         warp_layer = self.warp_layer
         if not warp_layer.native_path(dvf) or dvf.shape[1] != dvf.ndim - 2:
-            return super().forward(dvf)
+            return None
         identity, factors = warp_layer.normalised_identity(dvf)
-        field = dvf.movedim(1, -1).flip(-1) * (factors / 2**self.num_steps)  # (B, *spatial, D), normalised
+        field = dvf.movedim(1, -1).flip(-1) * (factors / 2**self.num_steps)
         for _ in range(self.num_steps):
             sampled = nn.functional.grid_sample(
                 field.movedim(-1, 1), identity + field, mode=warp_layer._interp_mode_native,
                 padding_mode=warp_layer._padding_mode_native, align_corners=True)
             field = field + sampled.movedim(1, -1)
-        return (field / factors).flip(-1).movedim(-1, 1).contiguous()
+        return field
 
 
 def integrate_velocity(

@@ -184,6 +184,15 @@ class MorphAEus(nn.Module):
         """``image(p + d(p))`` for image ``(B, C, *spatial)`` and a DDF in pixels."""
         return self.warper(image, displacement)
 
+    def warp_by_velocity(self, image: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """``warp(image, integrate(velocity))`` (velocity in pixels) up to float rounding, without
+        the displacement in pixels: integrated and applied in ``grid_sample``'s frame where the
+        integrator and the warper share it (fewer ops per call; test-time optimisation)."""
+        field = self.integrator.normalised_field(velocity)
+        if field is None or not self.warper.native_path(velocity) or image.shape[0] != velocity.shape[0]:
+            return self.warp(image, self.integrate(velocity))
+        return self.warper.warp_normalised(image, field)
+
     def warp_inverse(self, image: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         """``image ∘ φ⁻¹`` with φ⁻¹ = exp(−v): pulls the input back onto the prior's grid.
 
