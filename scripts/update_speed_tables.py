@@ -7,6 +7,8 @@ Only the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers 
 ``speed-e2e`` from ``end_to_end.json`` (``benchmarks/end_to_end.py ... --json``), ``speed-train``
 from ``train_variants.json`` (``benchmarks/throughput.py --train-variants ... --json``),
 ``speed-matmul`` from ``throughput_idle.json`` (``benchmarks/throughput.py ... --json``;
+``speed-matmul-runs`` from it and ``throughput_idle_2.json``, ``throughput_idle_3.json``: more runs
+of the same command, the median over runs;
 ``speed-matmul-nchw`` / ``speed-matmul-nchw-active`` from ``throughput_idle_nchw.json`` /
 ``throughput_idle_nchw_active.json``: the same command before fit went channels-last, with
 OMP_WAIT_POLICY PASSIVE / ACTIVE),
@@ -26,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -132,6 +135,41 @@ def matmul_block(data: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def matmul_runs_block(runs: list[dict]) -> str:
+    """Several ``benchmarks/throughput.py --json`` runs of one command → one row per run and the
+    median over runs of each run's median fraction of the matmul rate (the issue-15 figure)."""
+    lines = ["Generated from the `--json` files of the runs below (same command, run one after the other on "
+             "the idle machine); table by `scripts/update_speed_tables.py`.", "",
+             "| run (UTC) | command | load average start → end | fp32 matmul GFLOP/s | train img/s | "
+             "train fraction of matmul: median [min–max over repeats] |",
+             "|---|---|---|---|---|---|"]
+    fractions = []
+    target = {}
+    for data in runs:
+        target = data.get("target") or target
+        for model, entry in data["models"].items():
+            for size, figures in entry["sizes"].items():
+                f = figures.get("train")
+                if not f or model != target.get("model") or int(size) != int(target.get("size", -1)):
+                    continue
+                batch = target.get("batch_size", 16)
+                ratios = [f["flops_per_image"] * batch / seconds / 1e9 / matmul  # per repeat, as the script
+                          for seconds, matmul in zip(f["seconds_samples"], f["matmul_gflops_samples"])]
+                spread = f" [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else ""
+                fractions.append(f["fraction_of_matmul"])
+                lines.append(f"| {data['created']} | `{data.get('command', '(not recorded)')}` | "
+                             f"{data['load_average']['start'][0]} → {data['load_average']['end'][0]} | "
+                             f"{data['matmul']['gflops']:.1f} | {f['images_per_s']:.2f} | "
+                             f"{f['fraction_of_matmul']:.3f}{spread} |")
+    if fractions:
+        ordered, median = sorted(fractions), statistics.median(fractions)
+        met = median >= target.get("threshold", 0.5)
+        lines += ["", f"Median over {len(fractions)} runs of the per-run medians: {median:.4f} (runs {ordered[0]:.3f}–"
+                      f"{ordered[-1]:.3f}); target ({target.get('model')} training step at {target.get('size')}², batch "
+                      f"{target.get('batch_size')}) ≥ {target.get('threshold', 0.5):.2f}: {'met' if met else 'not met'}."]
+    return "\n".join(lines)
+
+
 def steps_block(data: dict, command: str) -> str:
     return _module(REPO / "scripts" / "tto_steps_check.py", "tto_steps_check").format_table(data)
 
@@ -164,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-json", type=Path, default=SPEED / "tto_profile.json")
     parser.add_argument("--mc-command", default=None)
     parser.add_argument("--e2e-command", default=None)
+    parser.add_argument("--matmul-repeat-jsons", type=Path, nargs="*",
+                        default=[SPEED / "throughput_idle_2.json", SPEED / "throughput_idle_3.json"],
+                        help="further runs of --matmul-json's command (speed-matmul-runs)")
     args = parser.parse_args(argv)
     text = args.readme.read_text(encoding="utf-8")
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in [args.matmul_json, *args.matmul_repeat_jsons] if p.is_file()]
+    if runs and "<!-- speed-matmul-runs:begin -->" in text:
+        text = replace_block(text, "speed-matmul-runs", matmul_runs_block(runs))
     for name, path, build, command in (("speed-mc", args.mc_json, mc_block, args.mc_command),
                                        ("speed-e2e", args.e2e_json, e2e_block, args.e2e_command),
                                        ("speed-train", args.train_json, train_block, None),
