@@ -2,6 +2,7 @@
 latest state and survive a failed write, run-directory locks, output collisions, memory bombs."""
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import json
 import math
@@ -10,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from anomorph.cli.main import main
 from conftest import write_nifti
@@ -124,11 +126,22 @@ def test_resume_after_a_crash_does_not_rerun_the_finished_epoch(tiny_phantom, tm
     _rising_val_loss(monkeypatch)
     assert main(["fit", "--resume", str(run)]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 2
-    epochs = [int(r["epoch"]) for r in read_training_log(run) if r.get("train/loss_epoch")]
-    assert epochs == [0, 1, 2]  # epoch 1 was not trained twice
+    epochs = [int(r["epoch"]) for r in read_training_log(run, superseded=True) if r.get("train/loss_epoch")]
+    assert epochs == [0, 1, 2]  # epoch 1 was not trained twice (every session's rows)
 
 
 # ------------------------------------------------------------------ 4: a full disk keeps the old checkpoint
+def _session_rows(run):
+    """Every CSV log row of ``run`` with its session folder's name (an independent reader)."""
+    import csv
+
+    rows = []
+    for path in sorted((run / "logs" / "csv").glob("session*/metrics.csv")):
+        with path.open(newline="") as handle:
+            rows += [dict(row, session=path.parent.name) for row in csv.DictReader(handle)]
+    return rows
+
+
 def test_full_disk_keeps_previous_checkpoint_and_resume_works(tiny_phantom, tmp_path, monkeypatch, capsys):
     import errno
 
@@ -159,7 +172,10 @@ def test_full_disk_keeps_previous_checkpoint_and_resume_works(tiny_phantom, tmp_
     monkeypatch.setattr(fit_module, "_write_bytes", real)
     assert main(["fit", "--resume", str(run)]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    # epoch 1 was trained again (its checkpoint was lost); the log keeps the retrained one
     assert [int(r["epoch"]) for r in read_training_log(run) if r.get("train/loss_epoch")] == [0, 1]
+    every = [(int(r["epoch"]), r["session"]) for r in _session_rows(run) if r.get("train/loss_epoch")]
+    assert every[-1] == (1, "session1") and (0, "session0") in every
 
 
 def test_checkpoints_are_written_in_their_own_directory(tiny_phantom, tmp_path, monkeypatch):
@@ -342,3 +358,59 @@ def test_evaluate_removes_a_killed_runs_temporary_files(tiny_phantom, tmp_path):
                  "--out", str(out)]) == 0
     assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
     assert not any(path.exists() for path in leftovers)
+
+
+def test_background_checkpoint_writes_land_in_order_and_raise_their_error(tmp_path, monkeypatch):
+    """fit writes checkpoints on a writer thread (issue 15): each save is a snapshot of that
+    moment, the writes land in order, and a failed write is raised at the next save (not lost),
+    leaving the previous file whole."""
+    import errno
+
+    fit_module = importlib.import_module("anomorph.training.fit")
+    io_ = fit_module.AtomicCheckpointIO(background=True)
+    state = {"w": torch.zeros(3)}
+    path = tmp_path / "ck" / "last.ckpt"
+    io_.save_checkpoint(state, path)
+    state["w"] += 1  # after the save: must not reach the file
+    io_.save_checkpoint({"w": torch.full((3,), 5.0)}, tmp_path / "ck" / "best.ckpt")
+    io_.wait()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))
+    assert torch.equal(io_.load_checkpoint(tmp_path / "ck" / "best.ckpt")["w"], torch.full((3,), 5.0))
+
+    real = fit_module._write_bytes
+
+    def disk_full(handle, data):
+        handle.write(bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fit_module, "_write_bytes", disk_full)
+    io_.save_checkpoint({"w": torch.ones(3)}, path)  # fails on the writer thread
+    concurrent.futures.wait(io_._pending)  # let it fail before the disk is "freed"
+    monkeypatch.setattr(fit_module, "_write_bytes", real)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        io_.save_checkpoint({"w": torch.ones(3)}, path)  # the next save raises it
+    assert str(path) in str(caught.value)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))  # the previous one, whole
+    assert not list(path.parent.glob(".tmp-*"))
+    io_.teardown()
+    assert io_._writer is None
+
+
+def test_training_log_keeps_the_retrained_epochs_of_a_resumed_run(tmp_path):
+    """read_training_log: a session that restarts at epoch e supersedes earlier sessions' rows of
+    epochs >= e (their checkpoint never landed); superseded=True returns every row."""
+    from anomorph.training import read_training_log
+
+    def session(index, rows):
+        folder = tmp_path / "logs" / "csv" / f"session{index}"
+        folder.mkdir(parents=True)
+        lines = ["epoch,step,train/loss_epoch"] + [f"{e},{s},{v}" for e, s, v in rows]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    session(0, [(0, 3, 0.9), (1, 7, 0.8), (2, 11, 0.7)])  # epoch 2's checkpoint was lost
+    session(1, [(2, 11, 0.65), (3, 15, 0.6)])
+    session(10, [(4, 19, 0.5)])  # sessions sort by number, not as text
+    rows = read_training_log(tmp_path)
+    assert [(int(r["epoch"]), float(r["train/loss_epoch"])) for r in rows] == [
+        (0, 0.9), (1, 0.8), (2, 0.65), (3, 0.6), (4, 0.5)]
+    assert len(read_training_log(tmp_path, superseded=True)) == 6

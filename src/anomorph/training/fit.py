@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,30 +57,84 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     temp dir and then *moves* it — a copy across filesystems — so a full disk could leave a
     truncated ``last.ckpt`` under its final name. Here a failed write (disk full, read-only
     folder) leaves the previous checkpoint untouched and removes the temporary file.
+
+    ``background=True`` (what ``fit`` uses): the checkpoint is serialised at once (a snapshot of
+    that moment; training goes on), and the write, fsync and rename run on one writer thread, in
+    order, while the next epoch trains (they are mostly waiting for the disk: at 64², two writes
+    per epoch were most of an epoch's time outside its batches and validation;
+    benchmarks/README.md). A write's error is raised at the next save, load or removal, and at
+    the latest when the trainer tears down (end of ``fit``, after an exception or Ctrl-C), which
+    also waits for every queued write, so ``fit`` never returns with a checkpoint still pending.
+    A process killed meanwhile leaves the previous file under the final name and a ``.tmp-*``
+    file that the next ``fit`` of the run removes.
     """
+
+    def __init__(self, background: bool = False) -> None:
+        super().__init__()
+        self.background = background
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
+        self._raise_failed_writes()
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
-        os.close(fd)
+        if not self.background:
+            _write_atomically(buffer, Path(path))
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomorph-checkpoint")
+        self._pending.append(self._writer.submit(_write_atomically, buffer, Path(path)))
+
+    def wait(self) -> None:
+        """Block until every queued write has finished; raise the first one's error, if any."""
+        pending, self._pending = self._pending, []
+        errors = [error for error in (future.exception() for future in pending) if error is not None]
+        if errors:
+            raise errors[0]
+
+    def _raise_failed_writes(self) -> None:
+        if any(future.done() and future.exception() is not None for future in self._pending):
+            self.wait()
+        self._pending = [future for future in self._pending if not future.done()]
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
         try:
-            with open(tmp, "wb") as handle:
-                _write_bytes(handle, buffer.getbuffer())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
-            os.replace(tmp, path)
-        except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            self.wait()
+        finally:
+            if self._writer is not None:  # no thread outlives the trainer
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+
+def _write_atomically(buffer: io.BytesIO, path: Path) -> None:
+    """``buffer``'s bytes to ``path``: a hidden temporary file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as handle:
+            _write_bytes(handle, buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _write_bytes(handle: Any, data: Any) -> None:
@@ -272,7 +327,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, devices: Any, strategy: str
             max_steps=t.max_steps,
             **options,
             callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(background=True)],
             logger=[CSVLogger(run_dir / "logs", name="csv", version=session),
                     TensorBoardLogger(run_dir / "logs", name="tensorboard", version=session)],
             check_val_every_n_epoch=t.check_val_every_n_epoch,
@@ -336,17 +391,29 @@ def _calibrate_after_fit(run_dir: Path, config: RunConfig) -> None:
               f"--run {run_dir}`", file=sys.stderr)
 
 
-def read_training_log(run_dir: str | Path) -> list[dict[str, str]]:
-    """All rows of a run's CSV training logs, oldest session first (a resumed run has several)."""
+def read_training_log(run_dir: str | Path, superseded: bool = False) -> list[dict[str, str]]:
+    """The rows of a run's CSV training logs, oldest session first (a resumed run has several).
+
+    A resumed session restarts at the epoch after its checkpoint; rows of that epoch and later
+    ones logged by earlier sessions describe training whose checkpoint never landed (a kill
+    after the log was written, or a checkpoint write that failed: checkpoints are written in
+    the background, :class:`AtomicCheckpointIO`) and are left out, so each epoch appears once,
+    as the weights that exist were trained. ``superseded=True``: every row of every session."""
     import csv
 
     rows: list[dict[str, str]] = []
     sessions = sorted((Path(run_dir) / "logs" / "csv").glob("session*"), key=lambda p: int(p.name[7:]))
     for session in sessions:
         path = session / "metrics.csv"
-        if path.is_file():
-            with path.open(newline="") as handle:
-                rows.extend(csv.DictReader(handle))
+        if not path.is_file():
+            continue
+        with path.open(newline="") as handle:
+            session_rows = list(csv.DictReader(handle))
+        epochs = [int(row["epoch"]) for row in session_rows if row.get("epoch")]
+        if epochs and not superseded:
+            first = min(epochs)
+            rows = [row for row in rows if not row.get("epoch") or int(row["epoch"]) < first]
+        rows.extend(session_rows)
     return rows
 
 
