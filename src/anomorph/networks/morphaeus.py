@@ -188,8 +188,9 @@ class MorphAEus(nn.Module):
         """``warp(image, integrate(velocity))`` (velocity in pixels) up to float rounding, without
         the displacement in pixels: integrated and applied in ``grid_sample``'s frame where the
         integrator and the warper share it (fewer ops per call; test-time optimisation)."""
-        field = self.integrator.normalised_field(velocity)
-        if field is None or not self.warper.native_path(velocity) or image.shape[0] != velocity.shape[0]:
+        matching = tuple(velocity.shape) == (image.shape[0], image.ndim - 2, *image.shape[2:])
+        field = self.integrator.normalised_field(velocity) if matching else None
+        if field is None or not self.warper.native_path(velocity):  # MONAI's path, checks and messages
             return self.warp(image, self.integrate(velocity))
         return self.warper.warp_normalised(image, field)
 
