@@ -16,10 +16,12 @@ with the given guidance values:
 
 The loop is re-implemented here with timers around each part of
 :meth:`anomorph.scoring.strategies.TestTimeRegistration.objective`, twice per round: **before**
-(every window moment of the masked LNCC filtered at every step, in the NCHW layout, MONAI's
-``Warp.forward`` and ``DVF2DDF.forward``: the computation until issue 15) and **after** (the
+(every window moment of the masked LNCC filtered at every step by MONAI's ``separable_filtering``
+in the NCHW layout, MONAI's ``Warp.forward`` and ``DVF2DDF.forward``: the computation until
+issue 15) and **after** (the
 moments of (x, 1 − m), which do not depend on v, filtered once:
-:class:`anomorph.losses.FixedWindowMoments`; window sums filtered channels-last;
+:class:`anomorph.losses.FixedWindowMoments`; window sums filtered channels-last, zero-padded by
+the convolutions;
 :meth:`anomorph.networks.deformation.PixelWarp.forward`, the same grid arithmetic without the
 in-place slice writes and advanced indexing; the integrator's compositions in ``grid_sample``'s
 own frame, and the Adam steps' warp there too (``MorphAEus.warp_by_velocity``); the start pass
@@ -60,23 +62,30 @@ def _now() -> float:
 @contextlib.contextmanager
 def _code_before(before: bool):
     """``before``: warp with MONAI's ``Warp.forward``, integrate with MONAI's ``DVF2DDF.forward``
-    and filter the window sums in the NCHW layout, as until issue 15, instead of
+    and filter the window sums with MONAI's ``separable_filtering`` (NCHW, padded copies) and
+    the SSIM taps NCHW, as until issue 15, instead of
     :meth:`anomorph.networks.deformation.PixelWarp.forward`,
-    :meth:`anomorph.networks.deformation.VelocityIntegrator.forward` and
-    :func:`anomorph.losses._depthwise_layout` (same values up to rounding, fewer and faster ops)."""
+    :meth:`anomorph.networks.deformation.VelocityIntegrator.forward`,
+    :func:`anomorph.losses._window_sums` and :func:`anomorph.losses._depthwise_layout` (same
+    values up to rounding, fewer and faster ops)."""
     from monai.networks.blocks import DVF2DDF, Warp
+    from monai.networks.layers import separable_filtering
 
     from anomorph import losses
     from anomorph.networks.deformation import PixelWarp, VelocityIntegrator
 
-    saved = PixelWarp.forward, VelocityIntegrator.forward, losses._depthwise_layout
+    def monai_window_sums(stacked: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        kernel = torch.ones(kernel_size, dtype=stacked.dtype, device=stacked.device)
+        return separable_filtering(stacked, [kernel] * (stacked.ndim - 2))
+
+    saved = PixelWarp.forward, VelocityIntegrator.forward, losses._window_sums, losses._depthwise_layout
     if before:
         PixelWarp.forward, VelocityIntegrator.forward = Warp.forward, DVF2DDF.forward
-        losses._depthwise_layout = lambda stacked: stacked
+        losses._window_sums, losses._depthwise_layout = monai_window_sums, (lambda stacked: stacked)
     try:
         yield
     finally:
-        PixelWarp.forward, VelocityIntegrator.forward, losses._depthwise_layout = saved
+        PixelWarp.forward, VelocityIntegrator.forward, losses._window_sums, losses._depthwise_layout = saved
 
 
 def profile_loop(scorer, images: torch.Tensor, start, m: torch.Tensor, reuse: bool) -> tuple[dict[str, float], Any]:
