@@ -556,6 +556,35 @@ def test_mc_dropout_makes_eval_outputs_stochastic():
     assert torch.equal(no_dropout(x).warped, no_dropout(x).warped)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_keeps_each_entry_with_probability_one_minus_p_and_scales_it(channels_last):
+    from anomorph.networks.blocks import Dropout
+
+    torch.manual_seed(0)
+    p = 0.1
+    x = torch.rand(4, 8, 128, 128) + 0.5  # no exact zeros in the input
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    layer = Dropout(p).train()
+    y = layer(x)
+    kept = y != 0
+    # 524,288 Bernoulli(0.9) draws: the kept fraction's SD is 4e-4, so 0.002 is 5 SD
+    assert abs(kept.float().mean().item() - (1 - p)) < 2e-3
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    # the mask is not the same for every channel or image (element-wise, not channel-wise)
+    assert not torch.equal(kept[0, 0], kept[0, 1]) and not torch.equal(kept[0], kept[1])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert layer.eval()(x) is x and Dropout(0.0).train()(x) is x
+    # the same distribution as torch's own dropout: mean and variance of the output
+    reference = torch.nn.functional.dropout(x.detach(), p, True)
+    assert abs(y.mean().item() - reference.mean().item()) < 0.01
+    assert abs(y.var().item() - reference.var().item()) < 0.01 * reference.var().item() + 1e-3
+
+
 # ---------------------------------------------------------------- factory
 
 

@@ -79,6 +79,25 @@ def check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+class Dropout(nn.Dropout):
+    """Element-wise dropout, as ``nn.Dropout``: in training mode each entry is kept with
+    probability 1 − p and scaled by 1 / (1 − p), else zeroed; in eval mode (and at p = 0) the
+    identity. On CPU the keep mask is drawn as ``rand >= p`` — one vectorised uniform draw and a
+    compare, the same distribution as the ``bernoulli_`` that ``nn.Dropout`` draws, which runs
+    element by element on CPUs and is the costliest elementwise op of a training step
+    (``benchmarks/throughput.py --profile``). Other devices use ``F.dropout``. It is an
+    ``nn.Dropout``, so MC dropout's seeded masks (:class:`anomorph.uncertainty.SeededDropout`)
+    and checkpoints are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.inplace:
+            return F.dropout(x, self.p, True, self.inplace)
+        # rand_like keeps x's memory format, so the multiply runs layout-matched
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+
+
 def downsample_geometry(stride: int) -> tuple[int, int]:
     """(kernel_size, padding) of a conv that divides a size divisible by ``stride`` exactly by it."""
     if stride == 1:
@@ -134,7 +153,7 @@ class ConvNormAct(nn.Sequential):
         if norm_layer is not None:
             self.add_module("norm", norm_layer)
         if check_dropout(dropout) > 0:
-            self.add_module("dropout", nn.Dropout(dropout))
+            self.add_module("dropout", Dropout(dropout))
         act_layer = make_activation(act)
         if act_layer is not None:
             self.add_module("act", act_layer)
