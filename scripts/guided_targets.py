@@ -4,7 +4,8 @@
 
 1. The guided row with a real u is chosen on **val**: among the rows whose mask comes from an
    estimator (every guided method of ``chosen.json`` except the ``tto`` control), the one with the
-   best val criterion in ``search.csv``. Test numbers never choose it.
+   best val criterion in ``search.csv`` (with ``selection.min_lpr``: among those whose chosen
+   values met it on val, if any did). Test numbers never choose it.
 2. On the test split of the main dataset (pooled seeds, ``paired.csv``): the paired difference
    to the unguided reference in pixel AUPRC and Dice@val with its bootstrap 95% CI (target:
    both CIs above 0), and per lesion kind (target: no CI entirely below 0).
@@ -46,7 +47,9 @@ def best_real_u_row(selection: Path) -> tuple[str, float]:
     chosen = json.loads((selection / "chosen.json").read_text())
     candidates = [r for r in _read(selection / "search.csv") if r["chosen"] == "True"
                   and r["method"] in chosen["guidance"] and r["method"] not in CONTROLS]
-    best = max(candidates, key=lambda r: _f(r[chosen["criterion"]]) or float("-inf"))
+    # with selection.min_lpr, rows whose val LPR met it on every kind come first (as in the search)
+    meets = chosen.get("meets_min_lpr", {})
+    best = max(candidates, key=lambda r: (meets.get(r["method"], True), _f(r[chosen["criterion"]]) or float("-inf")))
     return best["method"], float(best[chosen["criterion"]])
 
 

@@ -208,6 +208,39 @@ def test_selection_on_val_only_and_seeds_vary_the_data(tmp_path, monkeypatch):
     assert not (tmp_path / "bench" / "tiny2" / "selection").exists()
 
 
+
+def test_min_lpr_chooses_among_values_that_keep_every_lesion_kind_then_by_the_criterion(tmp_path, monkeypatch):
+    """selection.min_lpr: values whose val LPR is below it on some kind lose to any that meet it,
+    whatever their AUPRC; with none meeting it, the criterion alone chooses (and chosen.json says so)."""
+    import anomorph.evaluation.evaluate as evaluate_module
+    from anomorph.evaluation.evaluate import MethodResult
+
+    # synthetic val metrics per threshold: AUPRC rises with it, the worst kind's LPR falls
+    table = {1.0: (0.30, {"csf_like": 0.99, "large": 0.97}), 2.0: (0.40, {"csf_like": 0.99, "large": 0.96}),
+             3.0: (0.50, {"csf_like": 0.98, "large": 0.80})}
+
+    def fake(scorer, data, batch_size=32):
+        auprc, lpr = table[scorer.guidance.threshold]
+        metrics = {"pixel_auprc": auprc, "lpr": sum(lpr.values()) / 2,
+                   "by_lesion_type": {k: {"lpr": v} for k, v in lpr.items()} | {"none": {"lpr": float("nan")}}}
+        return MethodResult(scorer.name, True, metrics)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_scorer", fake)
+    picks = {}
+    for min_lpr in (None, 0.95, 0.999):
+        config = _selection_config(tmp_path)
+        config.output_dir = str(tmp_path / f"bench{min_lpr}")
+        config.selection = {"seed": 0, "criterion": "pixel_auprc", "train_grid": {}, "min_lpr": min_lpr,
+                            "guidance_grid": {"gating": {"threshold": [1.0, 2.0, 3.0]}}}
+        chosen = run_selection_only(config)
+        picks[min_lpr] = (chosen["guidance"]["gating"]["threshold"], chosen.get("meets_min_lpr"))
+        rows = list(csv.DictReader((Path(config.output_dir) / "tiny" / "selection" / "search.csv").open()))
+        assert sorted(float(r["min_kind_lpr"]) for r in rows) == [0.80, 0.96, 0.97]
+    assert picks == {None: (3.0, None), 0.95: (2.0, {"gating": True}), 0.999: (3.0, {"gating": False})}
+    with pytest.raises(ConfigError, match="min_lpr"):
+        from anomorph.benchmark.selection import SelectionSpec
+        SelectionSpec(min_lpr=1.5)
+
 def run_selection_only(config):
     from anomorph.benchmark.selection import run_selection
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from anomorph.config import load_config
+from anomorph.errors import ConfigError
 from anomorph.guidance import dilate_mask, log_jacobian_anchor, ramp_mask, synthetic_anomaly_masks
 from anomorph.scoring.strategies import STRATEGIES, GuidanceSignal, GuidedScorer
 from anomorph.networks import build_network
@@ -112,6 +113,65 @@ def test_ramp_mask_spans_zero_to_one_and_dilation():
     point[0, 0, 3, 3] = 1
     assert int(dilate_mask(point, 2).sum()) == 25
 
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_hysteresis_region_equals_connected_components_from_scipy(spatial_dims):
+    from scipy import ndimage
+
+    from anomorph.guidance.masks import hysteresis_region
+
+    generator = torch.Generator().manual_seed(spatial_dims)
+    shape = (3, 1, 40, 40) if spatial_dims == 2 else (2, 1, 12, 14, 16)
+    # smooth random fields: blobs of every size, many touching the low threshold only
+    score = torch.randn(shape, generator=generator)
+    for _ in range(2):
+        pool = torch.nn.functional.avg_pool2d if spatial_dims == 2 else torch.nn.functional.avg_pool3d
+        score = pool(score, 3, stride=1, padding=1, count_include_pad=False)
+    score = score / score.std()
+    score.view(-1)[7] = float("nan")
+    high, low = 1.5, 0.5
+    region = hysteresis_region(score, high, low)
+    structure = ndimage.generate_binary_structure(spatial_dims, spatial_dims)  # 8- / 26-connectivity
+    for b in range(shape[0]):
+        s = torch.nan_to_num(score[b, 0], nan=-1e9).numpy()
+        labels, _ = ndimage.label(s >= low, structure=structure)
+        seeds = set(labels[s >= high].tolist()) - {0}
+        expected = torch.from_numpy(sum((labels == k) for k in seeds).astype("float32") if seeds else 0 * s)
+        assert torch.equal(region[b, 0], expected)
+    assert 0 < region.sum() < (score >= low).sum()  # the test field has both kinds of component
+    # low = high: the plain threshold; a long snake-shaped path is followed to its end
+    assert torch.equal(hysteresis_region(score, high, high), (torch.nan_to_num(score, nan=-1e9) >= high).float())
+    snake = torch.zeros(1, 1, 9, 9)
+    snake[0, 0, ::2, :] = 1
+    snake[0, 0, 1::4, 8] = 1
+    snake[0, 0, 3::4, 0] = 1
+    snake[0, 0, 8, 8] = 5.0
+    assert torch.equal(hysteresis_region(snake, 5.0, 1.0), (snake >= 1).float())
+    with pytest.raises(ValueError, match="low threshold"):
+        hysteresis_region(score, 1.0, 2.0)
+
+
+def test_hysteresis_extends_the_guidance_mask_to_the_connected_rim_only():
+    net = _network()
+    x, brain = _images()
+    score = torch.zeros_like(x)
+    score[:, :, 10:20, 10:20] = 3.0   # a lesion's rim: z between the thresholds
+    score[:, :, 14:16, 14:16] = 9.0   # its core: z above the threshold
+    score[:, :, 25:28, 2:5] = 3.0     # an isolated faint spot: no core
+    plain = GuidedScorer(net, _config(dilation=0, threshold=6.0, softness=1.0), "gating", _constant_source(0, 0))
+    grown = GuidedScorer(net, _config(dilation=0, threshold=6.0, softness=1.0, hysteresis=1 / 3), "gating",
+                         _constant_source(0, 0))
+    assert float(plain.mask_from(score, brain).sum()) == 4 * x.shape[0]
+    m = grown.mask_from(score, brain)
+    expected = torch.zeros_like(x)
+    expected[:, :, 10:20, 10:20] = 1
+    assert torch.equal(m, expected * (brain > 0))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="guidance.hysteresis"):
+            _config(threshold=3.0, hysteresis=bad)
+    with pytest.raises(ConfigError, match="guidance.hysteresis"):
+        _config(threshold=-1.0, hysteresis=0.5)
 
 def _constant_source(u_value: float, score_value: float):
     def source(net, images, brains):

@@ -6,6 +6,7 @@ Overrides use dotted keys and YAML values, e.g. ``train.max_epochs=5`` or
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,7 +111,12 @@ class GuidanceConfig:
     threshold / softness: m = clamp((score − threshold + softness) / softness, 0, 1), score =
         the healthy z-score (normalise on; units: healthy standard deviations) or u (normalise
         off; threshold in [0, 1]). m = 1 where score ≥ threshold, 0 where score ≤ threshold −
-        softness. dilation: pixels, applied to m (and to the oracle's ground-truth mask).
+        softness. hysteresis (None = off; a ratio in (0, 1], threshold > 0): m is also 1 on
+        every pixel with score ≥ hysteresis · threshold that is connected (8-neighbourhood in 2-d)
+        through such pixels to one with score ≥ threshold — hysteresis thresholding as in Canny's
+        edge linking, whose low threshold is likewise a fraction of the high one: a lesion's
+        fainter rim joins its core, an isolated faint spot does not. dilation: pixels, applied to
+        m (and to the oracle's ground-truth mask).
     Conditioned-head training: synthetic blob masks m (``mask_probability`` of the samples get
     blobs), pasted intensity changes inside them with ``paste_probability``; the smoothness
     weight becomes λ(x) = β·(1 + alpha·m(x)) on ‖∇v‖² and a local anchor anchor_weight·m·(‖d‖² +
@@ -128,6 +134,7 @@ class GuidanceConfig:
     normaliser_mode: str = "pixel"
     threshold: float = 3.0
     softness: float = 1.0
+    hysteresis: float | None = None
     dilation: int = 1
     mask_probability: float = 0.75
     paste_probability: float = 0.5
@@ -223,8 +230,6 @@ def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 def _check_ranges(config: RunConfig) -> None:
     """Values the type check lets through but training cannot use; each error names the key."""
-    import math
-
     d, t = config.data, config.train
 
     def need(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -271,6 +276,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     for key, low in (("softness", 0), ("dilation", 0), ("rounds", 1), ("map_steps", 0)):
         if not getattr(g, key) >= low:
             raise ConfigError(f"guidance.{key}: must be >= {low}, got {getattr(g, key)!r}")
+    if g.hysteresis is not None and not (0 < g.hysteresis <= 1 and g.threshold > 0):
+        raise ConfigError(f"guidance.hysteresis: must be a ratio in (0, 1] of a positive guidance.threshold "
+                          f"(threshold {g.threshold!r}), or null for none; got {g.hysteresis!r}")
     if g.normaliser_mode not in ("pixel", "tissue"):
         raise ConfigError(f"guidance.normaliser_mode: {g.normaliser_mode!r} is not one of ('pixel', 'tissue')")
     if not g.normalise and not 0 <= g.threshold <= 1:

@@ -29,6 +29,7 @@ import dataclasses
 import io
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,9 @@ from ..config import ConfigError
 from ..data.io import atomic_write
 
 CRITERIA = ("pixel_auprc", "pixel_auroc", "oracle_best_dice")
-SEARCH_COLUMNS = ("method", "run", "params", "pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr", "chosen",
-                  "setup")
-METRIC_COLUMNS = ("pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr")
+SEARCH_COLUMNS = ("method", "run", "params", "pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr",
+                  "min_kind_lpr", "chosen", "setup")
+METRIC_COLUMNS = ("pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr", "min_kind_lpr")
 
 
 @dataclass
@@ -47,16 +48,22 @@ class SelectionSpec:
     """``seed``: whose val split chooses. ``criterion``: val metric maximised (one of
     :data:`CRITERIA`; ``oracle_best_dice`` on val is the best Dice over val thresholds).
     ``train_grid``: method → {override key: [values]}. ``guidance_grid``: guided method →
-    {guidance key | "estimator": [values]}."""
+    {guidance key | "estimator": [values]}. ``min_lpr`` (None = off): a guided method's values
+    are chosen among the combinations whose val LPR is ≥ ``min_lpr`` on *every* lesion kind
+    (``min_kind_lpr``: "do not register a lesion away" first, then the best criterion); when no
+    combination qualifies, among all (``chosen.json`` records which)."""
 
     seed: int = 0
     criterion: str = "pixel_auprc"
     train_grid: dict[str, dict[str, list]] = field(default_factory=dict)
     guidance_grid: dict[str, dict[str, list]] = field(default_factory=dict)
+    min_lpr: float | None = None
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ConfigError(f"selection.criterion: {self.criterion!r} is not one of {CRITERIA}")
+        if self.min_lpr is not None and not (isinstance(self.min_lpr, (int, float)) and 0 <= self.min_lpr <= 1):
+            raise ConfigError(f"selection.min_lpr: must be a number in [0, 1] or null, got {self.min_lpr!r}")
         for kind, grid in (("train_grid", self.train_grid), ("guidance_grid", self.guidance_grid)):
             for method, values in grid.items():
                 if not isinstance(values, dict) or not all(isinstance(v, list) and v for v in values.values()):
@@ -79,7 +86,10 @@ def selection_setup(config, spec: SelectionSpec) -> str:
 
     names = list(dict.fromkeys(list(spec.train_grid) + list(spec.guidance_grid)))
     methods = {m.name: m for m in config.methods}
-    return json.dumps({"selection": dataclasses.asdict(spec), "calibration_fraction": config.calibration_fraction,
+    selection = dataclasses.asdict(spec)
+    if spec.min_lpr is None:  # the fingerprint of a search without the constraint is unchanged
+        selection.pop("min_lpr")
+    return json.dumps({"selection": selection, "calibration_fraction": config.calibration_fraction,
                        "methods": {n: method_setup(config, methods[n]) for n in names}}, sort_keys=True)
 
 
@@ -160,11 +170,19 @@ def run_selection(config, dataset) -> dict[str, Any]:
         else:
             _log(f"val search: {method} [{run_label}] {params or ''}")
             metrics = evaluate_scorer(make_scorer(), on_val, config.batch_size).metrics
+            metrics = {**metrics, "min_kind_lpr": min_kind_lpr(metrics)}
         row = {"method": method, "run": run_label, "params": key[2], "chosen": False, "setup": key[3]}
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS if k in metrics})
         rows.append(row)
         value = metrics.get(spec.criterion)
         return float("-inf") if value is None else float(value)
+
+    def eligible(method: str, run_label: str, params: dict[str, Any]) -> bool:
+        if spec.min_lpr is None:
+            return True
+        row = next(r for r in reversed(rows) if r["method"] == method and r["run"] == run_label
+                   and r["params"] == json.dumps(params, sort_keys=True))
+        return row.get("min_kind_lpr") is not None and row["min_kind_lpr"] >= spec.min_lpr
 
     def mark(method: str, run_label: str, params: dict[str, Any]) -> None:
         for row in rows:
@@ -202,9 +220,12 @@ def run_selection(config, dataset) -> dict[str, Any]:
                 def make(run_dir=run_dir, params=params):
                     return guided_scorers(method, run_dir, on_val, spec.seed, params)[0]
 
-                results.append((score(make, name, _label(values), params), values, run_dir, params))
-        best = max(results, key=lambda t: t[0])
+                value = score(make, name, _label(values), params)
+                results.append((value, values, run_dir, params, eligible(name, _label(values), params)))
+        best = max(results, key=lambda t: (t[4], t[0]))
         chosen["guidance"][name] = best[3]
+        if spec.min_lpr is not None:
+            chosen.setdefault("meets_min_lpr", {})[name] = best[4]
         if method.config:
             chosen["train"][name] = [f"{k}={v}" for k, v in best[1].items()]
             chosen["runs"][name] = str(best[2])
@@ -221,17 +242,24 @@ def run_selection(config, dataset) -> dict[str, Any]:
     return chosen
 
 
+def min_kind_lpr(metrics: dict[str, Any]) -> float | None:
+    """The smallest LPR over the lesion kinds of ``metrics["by_lesion_type"]`` (None without any)."""
+    values = [group.get("lpr") for group in (metrics.get("by_lesion_type") or {}).values() if isinstance(group, dict)]
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return min(values) if values else None
+
+
 def search_markdown(rows: list[dict[str, Any]], criterion: str) -> str:
     """The search table as Markdown, the chosen row of each method in bold."""
     def cell(value: Any) -> str:
         return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
     lines = [f"Val search (criterion: val {criterion}; chosen rows in bold)\n",
-             "| method | training | guidance values | val pixel AUPRC | val pixel AUROC | val best Dice | val LPR | val HRR |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | training | guidance values | val pixel AUPRC | val pixel AUROC | val best Dice | val LPR | val HRR "
+             "| val LPR, worst kind |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["method"], r["run"], r["params"].replace("|", "/")] + [cell(r.get(k)) for k in
-                                                                          ("pixel_auprc", "pixel_auroc", "oracle_best_dice", "lpr", "hrr")]
+                                                                          METRIC_COLUMNS]
         if r["chosen"]:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")

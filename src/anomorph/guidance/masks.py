@@ -25,6 +25,27 @@ def ramp_mask(score: torch.Tensor, threshold: float = 3.0, softness: float = 1.0
     return ((score - (threshold - softness)) / softness).clamp(0.0, 1.0)
 
 
+def hysteresis_region(score: torch.Tensor, high: float, low: float) -> torch.Tensor:
+    """Hysteresis thresholding (as in Canny's edge linking): 1 on every pixel whose score is
+    ≥ ``low`` and that is connected to a pixel with score ≥ ``high`` through pixels with score
+    ≥ ``low`` (8-connectivity in 2-d, 26 in 3-d), else 0; float, the shape of ``score``
+    ``(B, 1, *spatial)``. Each image is its own region. Computed as a morphological
+    reconstruction by dilation (3^d max-pooling restricted to ``score ≥ low``, repeated until
+    nothing changes), so it runs batched on any device. NaN scores count as below both."""
+    if low > high:
+        raise ValueError(f"hysteresis: the low threshold {low} is above the high threshold {high}")
+    score = torch.nan_to_num(score.float(), nan=-torch.inf)
+    allowed = (score >= low).float()
+    region = (score >= high).float()
+    pool = F.max_pool3d if score.ndim == 5 else F.max_pool2d
+    for _ in range(math.prod(score.shape[2:])):  # the longest possible path; stops far earlier
+        grown = pool(region, kernel_size=3, stride=1, padding=1) * allowed
+        if torch.equal(grown, region):
+            break
+        region = grown
+    return region
+
+
 def dilate_mask(m: torch.Tensor, radius: int = 1) -> torch.Tensor:
     """Grey-value dilation of ``(B, 1, H, W)`` m with a (2·radius+1)² square, in pixels."""
     if radius <= 0:

@@ -32,7 +32,7 @@ from ..config import GuidanceConfig, RunConfig
 from .base import Prediction, Scorer
 from ..networks import ModelOutput, jacobian_determinant
 from .. import losses
-from ..guidance.masks import dilate_mask, ramp_mask
+from ..guidance.masks import dilate_mask, hysteresis_region, ramp_mask
 
 
 @dataclass
@@ -270,9 +270,15 @@ class GuidedScorer(Scorer):
 
     # ------------------------------------------------------------------ masks
     def mask_from(self, score: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
-        """m = dilate(ramp_mask(score, threshold, softness), dilation) inside the brain."""
+        """m = dilate(ramp_mask(score, threshold, softness), dilation) inside the brain; with
+        ``hysteresis``, m before dilation is the max of the ramp and the hysteresis region
+        (score ≥ hysteresis · threshold and connected to score ≥ threshold)."""
         g = self.guidance
-        return dilate_mask(ramp_mask(score, g.threshold, g.softness), g.dilation) * (brain_masks > 0)
+        m = ramp_mask(score, g.threshold, g.softness)
+        if g.hysteresis is not None:
+            region = hysteresis_region(score, g.threshold, g.hysteresis * g.threshold)
+            m = torch.maximum(m, region.to(m.dtype))
+        return dilate_mask(m, g.dilation) * (brain_masks > 0)
 
     def guidance_mask(self, images: torch.Tensor, brain_masks: torch.Tensor,
                       lesion_masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
