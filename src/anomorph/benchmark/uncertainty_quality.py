@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,7 @@ def _safe(function, scores, labels) -> float | None:
 
 
 def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
-    from ..evaluation.evaluate import EvaluationData, evaluate_scorer
-    from ..scoring.strategies import GuidedScorer
+    from ..evaluation.evaluate import EvaluationData
     from ..training import load_run
     from ..training.datamodule import slice_config
     from .runner import _log, ensure_dataset
@@ -70,16 +70,58 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     network, run_config = load_run(run_dir)
     manifest = ensure_dataset(dataset, chosen["seed"])
     data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
-    val = data.val
-    healthy_images, healthy_brains = data.healthy_reference()
+    guidance, raw_guidance = gating_guidance(run_config, chosen)
+    tau = guidance.threshold
+    rows, maps = quality_rows(config.uncertainty_quality, network, run_config, run_dir, data, guidance,
+                              raw_guidance, chosen["seed"], config.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(
+        quality_markdown(rows, tau, chosen, raw_guidance.threshold)))
+    quality_panels(data.val, maps, Path(config.output_dir) / dataset.name / "figures" / "uncertainty_panels.png")
+    atomic_write(out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"threshold": tau, "seed": chosen["seed"], "run": str(run_dir), "specs": config.uncertainty_quality,
+         "gating": _gating_choices(chosen)}, indent=2)))
+    return atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(quality_csv(rows)))
+
+
+def quality_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`quality_rows` as CSV text."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["estimator", "group", "u_auroc", "u_auprc", "healthy_false_alarm",
+                                                "gating_val_auprc"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def gating_guidance(run_config, chosen: dict[str, Any]):
+    """``(guidance, raw_guidance)``: the run's guidance settings with the val-chosen values of
+    ``gating`` (for healthy-normalised specs) and of ``gating_head`` (for ``mode: none`` specs,
+    whose threshold is on u itself); the chosen estimator is dropped (each spec brings its own)."""
     gating = dict(chosen.get("guidance", {}).get("gating", {}))
     gating.pop("estimator", None)
     guidance = dataclasses.replace(run_config.guidance, **gating)
-    tau = guidance.threshold
     raw_values = dict(chosen.get("guidance", {}).get(RAW_GATING, {}))
     raw_values.pop("estimator", None)
     raw_guidance = dataclasses.replace(run_config.guidance, **{"threshold": 0.5, "softness": 0.2, **raw_values,
                                                                "normalise": False})
+    return guidance, raw_guidance
+
+
+def quality_rows(specs: list[dict[str, Any]], network, run_config, run_dir, data, guidance, raw_guidance,
+                 seed: int, batch_size: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The rows of the u-quality table for ``specs`` on ``network`` (the run ``run_dir``) and the
+    u maps of the val slices, ``{label: (N, 1, H, W)}``. ``data``: an :class:`EvaluationData` with
+    ``calibration`` (the healthy statistics) and ``val`` (the metrics); ``guidance`` /
+    ``raw_guidance``: the gating settings of normalised / ``mode: none`` specs
+    (:func:`gating_guidance`). One ``overall`` row per spec (u AUROC/AUPRC, healthy false-alarm
+    rate at the gating threshold, gating val pixel AUPRC), then one row per lesion kind."""
+    from ..evaluation.evaluate import EvaluationData, evaluate_scorer
+    from ..scoring.strategies import GuidedScorer
+    from .runner import _log
+
+    val = data.val
+    healthy_images, healthy_brains = data.healthy_reference()
     brains = val.brain_masks.numpy() > 0
     lesions = val.masks.numpy() > 0
     subject_healthy = {}
@@ -88,17 +130,16 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
     slice_healthy = np.array([subject_healthy[row.subject] for row, _, _ in val.meta])
     kinds = np.array([row.lesion_type or "healthy" for row, _, _ in val.meta], dtype=object)
     on_val = EvaluationData(data.manifest, data.config, None, val, None, [], data.calibration)
-
     rows, maps = [], {}
-    for spec in config.uncertainty_quality:
+    for spec in specs:
         label = spec_label(spec)
         _log(f"uncertainty quality: {label}")
         normalise = spec.get("mode", "pixel") != "none"
         spec_guidance = guidance if normalise else raw_guidance
-        source = spec_source(spec, network, healthy_images, healthy_brains, chosen["seed"], run_dir)
+        source = spec_source(spec, network, healthy_images, healthy_brains, seed, run_dir)
         z_parts, u_parts = [], []
-        for start in range(0, len(val), config.batch_size):
-            s = slice(start, min(start + config.batch_size, len(val)))
+        for start in range(0, len(val), batch_size):
+            s = slice(start, min(start + batch_size, len(val)))
             signal = source(network, val.images[s], val.brain_masks[s])
             z_parts.append(signal.score.numpy())
             u_parts.append(signal.uncertainty.numpy())
@@ -111,25 +152,13 @@ def uncertainty_quality(config, dataset, chosen: dict[str, Any]) -> Path:
         row["healthy_false_alarm"] = (float((z[healthy_pixels] >= spec_guidance.threshold).mean())
                                       if healthy_pixels.any() else None)
         scorer = GuidedScorer(network, run_config, "gating", source, guidance=spec_guidance, name=label)
-        row["gating_val_auprc"] = evaluate_scorer(scorer, on_val, config.batch_size).metrics.get("pixel_auprc")
+        row["gating_val_auprc"] = evaluate_scorer(scorer, on_val, batch_size).metrics.get("pixel_auprc")
         rows.append(row)
         for kind in sorted(set(kinds) - {"healthy"}):
             inside = brains & ((kinds == kind) | slice_healthy)[:, None, None, None]
             rows.append({"estimator": label, "group": kind, "u_auroc": _safe(pixel_auroc, z[inside], lesions[inside]),
                          "u_auprc": _safe(pixel_auprc, z[inside], lesions[inside])})
-    out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["estimator", "group", "u_auroc", "u_auprc", "healthy_false_alarm",
-                                                "gating_val_auprc"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(
-        quality_markdown(rows, tau, chosen, raw_guidance.threshold)))
-    _panels(val, maps, lesions, kinds, Path(config.output_dir) / dataset.name / "figures" / "uncertainty_panels.png")
-    atomic_write(out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"threshold": tau, "seed": chosen["seed"], "run": str(run_dir), "specs": config.uncertainty_quality,
-         "gating": _gating_choices(chosen)}, indent=2)))
-    return atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    return rows, maps
 
 
 def spec_source(spec: dict[str, Any], network, healthy_images, healthy_brains, seed: int, run_dir: str | Path):
@@ -179,7 +208,11 @@ def quality_markdown(rows: list[dict[str, Any]], tau: float, chosen: dict[str, A
     return "\n".join(lines) + "\n"
 
 
-def _panels(val, maps: dict[str, np.ndarray], lesions: np.ndarray, kinds: np.ndarray, path: Path) -> Path:
+def quality_panels(val, maps: dict[str, np.ndarray], path: Path) -> Path:
+    """A figure of u of every estimator (``maps`` from :func:`quality_rows`) beside the input, on
+    the val slice with the largest lesion of each kind (cyan: the lesion outline)."""
+    lesions = val.masks.numpy() > 0
+    kinds = np.array([row.lesion_type or "healthy" for row, _, _ in val.meta], dtype=object)
     counts = lesions.reshape(len(lesions), -1).sum(1)
     picks = []
     for kind in sorted(set(kinds) - {"healthy"}):
@@ -201,6 +234,6 @@ def _panels(val, maps: dict[str, np.ndarray], lesions: np.ndarray, kinds: np.nda
                 ax.imshow(maps[name][index, 0].T, cmap="magma", vmin=0, vmax=1, origin="lower")
             ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.6, origin="lower")
             if r == 0:
-                ax.set_title(name, fontsize=6)
+                ax.set_title("\n".join(textwrap.wrap(name, 24)), fontsize=6)
     fig.suptitle("u (healthy-normalised, squashed z) of every estimator; cyan: lesion outline (val slices)", fontsize=8)
     return save_figure(fig, path, dpi=90)
