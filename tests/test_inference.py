@@ -332,3 +332,10 @@ def test_predict_guidance_option_sets_the_test_time_steps(tiny_calibrated_run, t
                  "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and "KEY=VALUE" in err
+    # a value no strategy can use is refused before any scan is read, naming the key
+    for bad in ("hysteresis=2", "softness=-1"):
+        code = main(["predict", "--run", str(tiny_calibrated_run), str(row.image), "--guidance", "cost_masking",
+                     "--guidance-option", bad, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"guidance.{bad.split('=')[0]}" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()

@@ -267,16 +267,14 @@ def _check_ranges(config: RunConfig) -> None:
     need(config.model.name.lower() in MODEL_NAMES, "model.name", config.model.name, f"must be one of {sorted(MODEL_NAMES)}")
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Validate a plain dict (e.g. parsed YAML) into a :class:`RunConfig`."""
-    config = _from_dict(RunConfig, data)
-    if config.guidance.strategy not in STRATEGIES:
-        raise ConfigError(f"guidance.strategy: {config.guidance.strategy!r} is not one of {STRATEGIES}")
-    g = config.guidance
+def check_guidance(g: GuidanceConfig) -> GuidanceConfig:
+    """Raise a :class:`ConfigError` naming the ``guidance.`` key of the first value of ``g`` that
+    no strategy can use (ranges only; the strategy name is checked by the caller); returns ``g``."""
     for key, low in (("softness", 0), ("dilation", 0), ("rounds", 1), ("map_steps", 0)):
         if not getattr(g, key) >= low:
             raise ConfigError(f"guidance.{key}: must be >= {low}, got {getattr(g, key)!r}")
-    if g.hysteresis is not None and not (0 < g.hysteresis <= 1 and g.threshold > 0):
+    if g.hysteresis is not None and not (isinstance(g.hysteresis, (int, float)) and 0 < g.hysteresis <= 1
+                                         and g.threshold > 0):
         raise ConfigError(f"guidance.hysteresis: must be a ratio in (0, 1] of a positive guidance.threshold "
                           f"(threshold {g.threshold!r}), or null for none; got {g.hysteresis!r}")
     if g.normaliser_mode not in ("pixel", "tissue"):
@@ -284,6 +282,15 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if not g.normalise and not 0 <= g.threshold <= 1:
         raise ConfigError(f"guidance.threshold: {g.threshold!r} must be in [0, 1] when guidance.normalise is "
                           "false (the mask is cut from u itself)")
+    return g
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict (e.g. parsed YAML) into a :class:`RunConfig`."""
+    config = _from_dict(RunConfig, data)
+    if config.guidance.strategy not in STRATEGIES:
+        raise ConfigError(f"guidance.strategy: {config.guidance.strategy!r} is not one of {STRATEGIES}")
+    check_guidance(config.guidance)
     if config.guidance.strategy != "none" and config.model.name != "morphaeus":
         raise ConfigError(f"guidance.strategy {config.guidance.strategy!r} needs a deformable model "
                           f"(model.name: morphaeus), got {config.model.name!r}")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import GuidanceConfig, RunConfig
+from ..config import GuidanceConfig, RunConfig, check_guidance
 from ..data.preprocess import Preprocessor
 from ..errors import ConfigError
 from ..runs import checkpoint_path, file_sha256, load_run, resolve_run_dir
@@ -49,7 +49,7 @@ def resolve_guidance(config: RunConfig, guidance: GuidanceArg, calibration: Cali
     resolved = dataclasses.replace(base, **overrides)
     if resolved.strategy not in STRATEGIES:
         raise ConfigError(f"guidance strategy {resolved.strategy!r} is not one of {sorted(STRATEGIES)}")
-    return resolved
+    return check_guidance(resolved)
 
 
 class Detector(Scorer):
