@@ -278,7 +278,7 @@ class Workload:
         config = self.module.run_config
         # Registration on, final weight: the cost of a training step after the warm-up.
         self.beta = config.train.beta_end if is_deformable(config) else None
-        # the layout and optimiser `anomorph fit` uses (channels-last on CPU, foreach Adam)
+        # the layout and optimiser `anomorph fit` uses (channels-last on CPU, fused Adam)
         self.layout = self.module.apply_memory_format(device) if training_layout else torch.contiguous_format
         self.optimizer = self.module.configure_optimizers()
         generator = torch.Generator().manual_seed(seed)
@@ -327,18 +327,20 @@ def benchmark_workload(workload: Workload, probe: MatmulProbe, repeats: int, war
 
 
 # --------------------------------------------------------------------------- training-step variants
-TRAIN_VARIANTS = ("default", "nchw+loop_adam", "channels_last", "foreach_adam", "fused_adam", "bf16_autocast")
+TRAIN_VARIANTS = ("default", "nchw+loop_adam", "channels_last", "foreach_adam", "channels_last+foreach_adam",
+                  "bf16_autocast")
 
 
 class VariantWorkload(Workload):
     """A :class:`Workload` whose training step runs one variant (same seed, same batch, same
     initial weights as ``default``). ``default`` is what ``anomorph fit`` does
     (:meth:`AnomalyModule.memory_format` — channels-last on CPU — and
-    :meth:`AnomalyModule.configure_optimizers` — Adam with ``foreach``); ``nchw+loop_adam`` is the
-    setup before that (NCHW network and batch, PyTorch's default per-parameter Adam loop on CPU);
-    ``channels_last`` and ``foreach_adam`` each add one of the two changes to ``nchw+loop_adam``;
-    ``fused_adam`` is ``default`` with ``torch.optim.Adam(fused=True)``; ``bf16_autocast`` is
-    ``default`` with the forward and loss under ``torch.autocast(device, torch.bfloat16)``."""
+    :meth:`AnomalyModule.configure_optimizers` — fused Adam); ``nchw+loop_adam`` is the setup
+    before issue 15 (NCHW network and batch, PyTorch's default per-parameter Adam loop on CPU);
+    ``channels_last`` and ``foreach_adam`` each add one change to ``nchw+loop_adam``;
+    ``channels_last+foreach_adam`` is ``default`` with the multi-tensor Adam update that ``fit``
+    used before the fused one; ``bf16_autocast`` is ``default`` with the forward and loss under
+    ``torch.autocast(device, torch.bfloat16)``."""
 
     def __init__(self, variant: str, model: str, size: int, batch_size: int, device: torch.device) -> None:
         super().__init__(model, size, batch_size, device)
@@ -347,10 +349,10 @@ class VariantWorkload(Workload):
             return
         config = self.module.run_config.train
         layout = (torch.channels_last if variant == "channels_last"
-                  else self.layout if variant == "fused_adam" else torch.contiguous_format)
+                  else self.layout if variant == "channels_last+foreach_adam" else torch.contiguous_format)
         self.network.to(memory_format=layout)
         self.x = self.x.contiguous(memory_format=layout)
-        flag = {"fused": True} if variant == "fused_adam" else {"foreach": variant == "foreach_adam"}
+        flag = {"foreach": variant in ("foreach_adam", "channels_last+foreach_adam")}
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay, **flag)
 

@@ -63,9 +63,9 @@ class TrainConfig:
     bidirectional: also add NCC between x̂ and x warped by the inverse field.
     early_stopping_patience: validation epochs without improvement before stopping (0 = off).
     channels_last: on CPU, store a 2-d network and its batches channels-last (NHWC) while training:
-        oneDNN's convolutions skip a layout conversion per layer (with Adam's foreach update, a
-        128² deformable-AE step about 1.2x faster; benchmarks/README.md). Same function, float
-        rounding differs. Ignored on other devices and for 3-d networks.
+        oneDNN's convolutions skip a layout conversion per layer (the train variants table of
+        benchmarks/README.md measures it). Same function, float rounding differs. Ignored on
+        other devices and for 3-d networks.
     figure_every_n_epochs: write ``figures/val_epochNNN.png`` at the first validated epoch, every
         n-th epoch and the last one (a figure costs about 0.3 s on 2 CPU cores).
     accelerator / devices / strategy / precision: passed to Lightning's Trainer.
