@@ -465,3 +465,25 @@ def test_uncertainty_quality_spec_reads_its_own_ensemble_directory(tiny_phantom,
     assert float(got.uncertainty.max()) > 0  # two different members: a spread
     with pytest.raises(ConfigError, match="ensemble"):  # the scored run itself is no ensemble
         spec_source({"name": "ensemble"}, network, images[:4], brains[:4], 0, tiny_calibrated_run)
+
+
+def test_guided_targets_takes_the_row_that_met_min_lpr_on_val_before_the_best_auprc(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("guided_targets", Path("scripts/guided_targets.py"))
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    selection = tmp_path / "selection"
+    selection.mkdir()
+    with open(selection / "search.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "run", "params", "pixel_auprc", "chosen"])
+        writer.writeheader()
+        for method, auprc, chosen in (("gating", 0.43, True), ("gating", 0.47, False), ("cost_masking", 0.52, True),
+                                      ("tto", 0.60, True)):
+            writer.writerow({"method": method, "run": "default", "params": "{}", "pixel_auprc": auprc, "chosen": chosen})
+    chosen = {"criterion": "pixel_auprc", "guidance": {"gating": {}, "cost_masking": {}, "tto": {}}}
+    (selection / "chosen.json").write_text(json.dumps(chosen))
+    assert targets.best_real_u_row(selection) == ("cost_masking", 0.52)  # the control tto never counts
+    chosen["meets_min_lpr"] = {"gating": True, "cost_masking": False, "tto": False}
+    (selection / "chosen.json").write_text(json.dumps(chosen))
+    assert targets.best_real_u_row(selection) == ("gating", 0.43)
