@@ -334,6 +334,9 @@ def load_average() -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(HERE))
+    from throughput import cpu_flags  # noqa: PLC0415
+
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="anomorph_e2e_"))
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -342,7 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join([".venv/bin/python", "benchmarks/end_to_end.py", *sys.argv[1:]]),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags()},
         "settings": {"models": list(args.models), "sizes": list(args.sizes), "epochs": args.epochs,
                      "step_seconds": args.step_seconds, "predict_repeats": args.predict_repeats,
                      "guided_repeats": args.guided_repeats, "strategies": list(args.strategies),

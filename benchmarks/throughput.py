@@ -96,6 +96,21 @@ def load_average() -> list[float] | None:
         return None
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str] | None:
+    """The instruction-set flags of :data:`CPU_FLAGS` that ``/proc/cpuinfo`` lists (None off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in CPU_FLAGS if flag in present]
+    except OSError:
+        return None
+    return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -106,6 +121,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        # what the CPU kernels may use: figures from hosts with other instruction sets (e.g. with or
+        # without AVX-512 bf16) do not compare, not even as fractions of the matmul rate
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
         # Thread settings from the environment (null when unset); OMP_WAIT_POLICY matters on shared CPUs.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
