@@ -94,7 +94,7 @@ def figure(studies: dict[str, dict[str, list[dict[str, object]]]], path: Path, l
         ax.axvline(LPR_TARGET, color="k", linestyle="--", linewidth=1)
         ax.set_xlabel(f"{lpr_label} (lesion preservation ratio)")
         ax.set_ylabel("val pixel AUPRC")
-        ax.set_title(f"{label}: every val setting (ringed: chosen)")
+        ax.set_title(f"{label}\nevery val setting (ringed: chosen)", fontsize=10)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
