@@ -84,8 +84,9 @@ class Dropout(nn.Dropout):
     probability 1 − p and scaled by 1 / (1 − p), else zeroed; in eval mode (and at p = 0) the
     identity. On CPU the keep mask is drawn as ``rand >= p`` — one vectorised uniform draw and a
     compare, the same distribution as the ``bernoulli_`` that ``nn.Dropout`` draws, which runs
-    element by element on CPUs and is the costliest elementwise op of a training step
-    (``benchmarks/throughput.py --profile``). Other devices use ``F.dropout``. It is an
+    element by element on CPUs (it was the costliest non-convolution op of the 128² deformable
+    AE's training step in ``benchmarks/results/speed/train_profile.json`` as of commit 13d1075,
+    written by ``benchmarks/throughput.py --profile``). Other devices use ``F.dropout``. It is an
     ``nn.Dropout``, so MC dropout's seeded masks (:class:`anomorph.uncertainty.SeededDropout`)
     and checkpoints are unchanged."""
 
