@@ -177,7 +177,12 @@ class ResidualBlock(nn.Module):
         self.act = make_activation(act) or nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.second(self.first(x)))
+        y = self.second(self.first(x))
+        if not torch.is_grad_enabled():
+            # inference: add into the branch's fresh output instead of allocating a third tensor
+            # (MC dropout runs this block once per pass; the same values bit for bit)
+            return self.act(y.add_(x))
+        return self.act(x + y)
 
 
 class EncoderStage(nn.Sequential):
