@@ -177,11 +177,10 @@ def run_selection(config, dataset) -> dict[str, Any]:
         value = metrics.get(spec.criterion)
         return float("-inf") if value is None else float(value)
 
-    def eligible(method: str, run_label: str, params: dict[str, Any]) -> bool:
+    def eligible(row: dict[str, Any]) -> bool:
+        """Whether a scored combination's val LPR met ``min_lpr`` on every lesion kind."""
         if spec.min_lpr is None:
             return True
-        row = next(r for r in reversed(rows) if r["method"] == method and r["run"] == run_label
-                   and r["params"] == json.dumps(params, sort_keys=True))
         return row.get("min_kind_lpr") is not None and row["min_kind_lpr"] >= spec.min_lpr
 
     def mark(method: str, run_label: str, params: dict[str, Any]) -> None:
@@ -221,7 +220,7 @@ def run_selection(config, dataset) -> dict[str, Any]:
                     return guided_scorers(method, run_dir, on_val, spec.seed, params)[0]
 
                 value = score(make, name, _label(values), params)
-                results.append((value, values, run_dir, params, eligible(name, _label(values), params)))
+                results.append((value, values, run_dir, params, eligible(rows[-1])))  # rows[-1]: the row just scored
         best = max(results, key=lambda t: (t[4], t[0]))
         chosen["guidance"][name] = best[3]
         if spec.min_lpr is not None:
