@@ -1,6 +1,6 @@
 """The aleatoric (heteroscedastic) head as u: the row the u-quality table lacked (issue 12). Val only.
 
-    .venv/bin/python scripts/aleatoric_quality.py            # trains both runs first if missing (~10 min each, 2 cores)
+    .venv/bin/python scripts/aleatoric_quality.py            # trains both runs first if missing (minutes each on 2 cores)
 
 `aleatoric` needs a network that predicts a per-pixel variance, so it cannot be measured on the
 benchmark's val-chosen run. This script trains two twins of that run on phantom seed 0 (the
@@ -66,13 +66,14 @@ def main() -> None:
     method = next(m for m in config.methods if m.name == config.reference)
     base = method_overrides(config, method, manifest, chosen["seed"]) + list(chosen["train"][config.reference])
 
-    rows, maps, baselines = [], {}, {}
+    rows, maps, baselines, data = [], {}, {}, None
     for name, (overrides, specs) in RUNS.items():
         run_dir = train_method(method.config, base + overrides, args.runs / name)
         network, run_config = load_run(run_dir)
-        data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
+        if data is None:  # the twins differ only in the model: the same slices for both
+            data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
+            on_val = EvaluationData(data.manifest, data.config, None, data.val, None, [], data.calibration)
         guidance, raw_guidance = gating_guidance(run_config, chosen)
-        on_val = EvaluationData(data.manifest, data.config, None, data.val, None, [], data.calibration)
         baselines[name] = evaluate_scorer(ModelScorer(network, run_config), on_val, config.batch_size
                                           ).metrics.get("pixel_auprc")
         run_rows, run_maps = quality_rows(specs, network, run_config, run_dir, data, guidance, raw_guidance,
