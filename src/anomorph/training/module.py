@@ -194,8 +194,8 @@ class AnomalyModule(L.LightningModule):
         """Adam with the fused update (one pass over each parameter's weight, gradient and moments;
         PyTorch's default is a per-parameter loop on CPU) where PyTorch has it — parameters on CPU
         or CUDA — else the multi-tensor (``foreach``) update. The same arithmetic up to float
-        rounding; on CPU the fused step is several times faster than the ``foreach`` one
-        (``benchmarks/throughput.py --train-variants``)."""
+        rounding; ``benchmarks/throughput.py --train-variants`` compares the two in a whole
+        training step."""
         t = self.run_config.train
         params = list(self.network.parameters())
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
