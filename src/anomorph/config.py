@@ -69,6 +69,21 @@ class TrainConfig:
     figure_every_n_epochs: write ``figures/val_epochNNN.png`` at the first validated epoch, every
         n-th epoch and the last one (a figure costs about 0.3 s on 2 CPU cores).
     accelerator / devices / strategy / precision: passed to Lightning's Trainer.
+    synthetic_anomalies: anomaly-aware registration training (deformable AE only; issue 12's
+        joint registration–non-correspondence idea, as in NCR-Net, amortised into the field). At
+        every training step each slice gets, with ``guidance.mask_probability``, synthetic anomalies
+        (:func:`anomorph.guidance.masks.synthetic_corruption`: pasted intensities, rescaled tissue
+        or a foreign patch inside random blobs — not the phantom's lesion generator). The prior x̂
+        is still computed from, and reconstructs, the *clean* slice; the field reads the corrupted
+        one and registers x̂ to it with the NCC masked by (1 − m) and the guidance's local prior
+        (β·(1 + ``guidance.alpha``·m) on ‖∇v‖², ``guidance.anchor_weight``·m·(‖d‖² +
+        ``guidance.gamma``·(log det Jφ)²)) on the synthetic mask m. The field is thus never
+        rewarded for registering an anomaly away, and is penalised for deforming inside one; at
+        inference it needs no u (any ``guidance.strategy`` still applies on top).
+    synthetic_anomaly_mask: with ``synthetic_anomalies``, whether the registration loss uses m
+        (default). False is the control that isolates the mask: the same corrupted slices, the
+        field registering x̂ to them with the plain NCC and uniform β (it is then rewarded for
+        registering the anomalies away, as an unguided model would be on a lesion).
     """
 
     lr: float = 5e-4
@@ -95,6 +110,8 @@ class TrainConfig:
     precision: str = "32-true"
     log_every_n_steps: int = 10
     progress_bar: bool = True
+    synthetic_anomalies: bool = False
+    synthetic_anomaly_mask: bool = True
 
 
 @dataclass
@@ -273,6 +290,12 @@ def check_guidance(g: GuidanceConfig) -> GuidanceConfig:
     for key, low in (("softness", 0), ("dilation", 0), ("rounds", 1), ("map_steps", 0)):
         if not getattr(g, key) >= low:
             raise ConfigError(f"guidance.{key}: must be >= {low}, got {getattr(g, key)!r}")
+    for key in ("mask_probability", "paste_probability"):
+        if not 0 <= getattr(g, key) <= 1:
+            raise ConfigError(f"guidance.{key}: must be a probability in [0, 1], got {getattr(g, key)!r}")
+    for key in ("alpha", "anchor_weight", "gamma", "map_lambda", "map_anchor"):
+        if not (math.isfinite(getattr(g, key)) and getattr(g, key) >= 0):
+            raise ConfigError(f"guidance.{key}: must be a finite number >= 0, got {getattr(g, key)!r}")
     if g.hysteresis is not None and not (isinstance(g.hysteresis, (int, float)) and 0 < g.hysteresis <= 1
                                          and g.threshold > 0):
         raise ConfigError(f"guidance.hysteresis: must be a ratio in (0, 1] of a positive guidance.threshold "
@@ -294,6 +317,15 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if config.guidance.strategy != "none" and config.model.name != "morphaeus":
         raise ConfigError(f"guidance.strategy {config.guidance.strategy!r} needs a deformable model "
                           f"(model.name: morphaeus), got {config.model.name!r}")
+    if config.train.synthetic_anomalies and config.model.name != "morphaeus":
+        raise ConfigError(f"train.synthetic_anomalies needs a deformable model (model.name: morphaeus), "
+                          f"got {config.model.name!r}")
+    if not config.train.synthetic_anomaly_mask and not config.train.synthetic_anomalies:
+        raise ConfigError("train.synthetic_anomaly_mask: false only applies with train.synthetic_anomalies: true "
+                          "(the control of anomaly-aware training)")
+    if config.train.synthetic_anomalies and config.guidance.strategy == "conditioned":
+        raise ConfigError("train.synthetic_anomalies: not with guidance.strategy 'conditioned', which trains "
+                          "its own synthetic masks as the head's input; use one or the other")
     _check_ranges(config)
     return config
 

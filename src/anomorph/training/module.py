@@ -12,7 +12,7 @@ import torch
 from ..config import RunConfig, config_from_dict
 from ..data.types import SliceBatch
 from ..errors import NonFiniteLossError
-from ..guidance.masks import paste_intensity, synthetic_anomaly_masks
+from ..guidance.masks import paste_intensity, synthetic_anomaly_masks, synthetic_corruption
 from ..guidance.priors import log_jacobian_anchor
 from ..networks import ModelOutput, build_network
 from .. import losses
@@ -28,7 +28,9 @@ class AnomalyModule(L.LightningModule):
 
     Loss = MSE(x, x̂) + ``ssim_weight``·(1 − SSIM(x, x̂)) [+ ``kl_weight``·KL for the VAE]
     [+ after ``warmup_epochs``: ``ncc_weight``·NCC-loss(x, x̃) + β·‖∇v‖² for the deformable AE,
-    β ramped linearly from ``beta_start`` to ``beta_end`` over ``beta_ramp_epochs``].
+    β ramped linearly from ``beta_start`` to ``beta_end`` over ``beta_ramp_epochs``; with synthetic
+    masks m (conditioned head, ``train.synthetic_anomalies``) the NCC is masked by 1 − m, β is
+    weighted by 1 + α·m and a local anchor is added, see :meth:`compute_losses`].
     ``val/loss`` uses the *final* weights (β = ``beta_end``, registration on) at every epoch, so
     epochs are comparable and the best checkpoint is chosen on a fixed objective.
     """
@@ -90,27 +92,48 @@ class AnomalyModule(L.LightningModule):
     def forward(self, x: torch.Tensor, **kwargs: Any) -> ModelOutput:
         return self.network(x, **kwargs)
 
+    def _step_generator(self) -> torch.Generator:
+        """The generator of the synthetic masks of this training step, seeded by (seed, global
+        step), so a resumed run draws the same masks."""
+        return torch.Generator().manual_seed(self.run_config.seed * 1_000_003 + int(self.global_step))
+
+    def split_forward(self, clean: torch.Tensor, field_input: torch.Tensor,
+                      guidance: torch.Tensor | None = None) -> ModelOutput:
+        """The deformable AE's forward with the prior x̂ encoded from ``clean`` (it must stay
+        pseudo-healthy) and the velocity predicted from ``field_input`` (an image with synthetic
+        anomalies) and, for the conditioned head, the mask ``guidance``."""
+        net = self.network
+        z, mu, logvar = net.prior.encode(clean)
+        decoded = net.prior.decode(z)
+        velocity = net.predict_velocity(field_input, decoded.image, decoded.features, guidance=guidance)
+        prior = decoded.image.detach() if net.detach_prior else decoded.image
+        warped, velocity, displacement = net.deform(prior, velocity)
+        return ModelOutput(decoded.image, warped, velocity, displacement, mu, logvar, decoded.log_variance, z)
+
     def conditioned_forward(self, x: torch.Tensor, brain_mask: torch.Tensor
                             ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
         """Training forward of the conditioned head: synthetic masks m and fake anomalies.
 
-        The prior x̂ is computed from the clean x (it must stay pseudo-healthy); the head reads
-        (x with pasted anomalies inside m, x̂, m). Random numbers come from a generator seeded by
-        (seed, global step), so a resumed run draws the same masks. Returns (output, m, head input).
+        The prior x̂ is computed from the clean x; the head reads (x with pasted anomalies inside
+        m, x̂, m). Returns (output, m, head input).
         """
         g = self.run_config.guidance
-        generator = torch.Generator().manual_seed(self.run_config.seed * 1_000_003 + int(self.global_step))
+        generator = self._step_generator()
         m = synthetic_anomaly_masks(tuple(x.shape), generator, brain_mask,
                                     empty_probability=1.0 - g.mask_probability)
         x_head = paste_intensity(x, m, generator, g.paste_probability)
-        net = self.network
-        z, mu, logvar = net.prior.encode(x)
-        decoded = net.prior.decode(z)
-        velocity = net.predict_velocity(x_head, decoded.image, decoded.features, guidance=m)
-        prior = decoded.image.detach() if net.detach_prior else decoded.image
-        warped, velocity, displacement = net.deform(prior, velocity)
-        out = ModelOutput(decoded.image, warped, velocity, displacement, mu, logvar, decoded.log_variance, z)
-        return out, m, x_head
+        return self.split_forward(x, x_head, guidance=m), m, x_head
+
+    def anomaly_aware_forward(self, x: torch.Tensor, brain_mask: torch.Tensor
+                              ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
+        """Training forward of ``train.synthetic_anomalies``: x with synthetic anomalies
+        (:func:`~anomorph.guidance.masks.synthetic_corruption`; a share 1 − mask_probability of
+        the slices left clean) goes to the field; x̂ is computed from the clean x. Returns
+        (output, m, corrupted x), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the corruption changed."""
+        g = self.run_config.guidance
+        corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask,
+                                            empty_probability=1.0 - g.mask_probability)
+        return self.split_forward(x, corrupted), m, corrupted
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
         batch = self.in_layout(batch)
@@ -118,6 +141,10 @@ class AnomalyModule(L.LightningModule):
         if self.run_config.guidance.strategy == "conditioned":
             out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
             terms = self.compute_losses(batch.image, out, beta, guidance=m, registration_target=x_head)
+        elif self.run_config.train.synthetic_anomalies:
+            out, m, corrupted = self.anomaly_aware_forward(batch.image, batch.brain_mask)
+            held = m if self.run_config.train.synthetic_anomaly_mask else None
+            terms = self.compute_losses(batch.image, out, beta, guidance=held, registration_target=corrupted)
         else:
             out = self.network(batch.image)
             terms = self.compute_losses(batch.image, out, beta)

@@ -1,0 +1,111 @@
+"""``train.synthetic_anomalies``: the deformable AE's field is trained on slices with synthetic
+anomalies, registering the clean prior to them with the similarity masked and the deformation
+held inside the synthetic mask."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from anomorph.config import load_config
+from anomorph.errors import ConfigError
+from anomorph.training.module import AnomalyModule
+from conftest import tiny_run_config
+
+
+def _module(**guidance) -> AnomalyModule:
+    overrides = ["model.name=morphaeus", "data.size=32", "model.channels=[8,16,32]", "model.strides=[2,2,2]",
+                 "model.latent_dim=16", "model.head_channels=[8,16]", "train.synthetic_anomalies=true"]
+    overrides += [f"guidance.{k}={v}" for k, v in guidance.items()]
+    config = load_config(None, overrides)
+    torch.manual_seed(0)
+    module = AnomalyModule(dataclasses.asdict(config))
+    with torch.no_grad():  # a head that deforms visibly (training starts near identity)
+        module.network.velocity_head.velocity.weight.normal_(0, 0.3)
+    return module.eval()
+
+
+def _batch(n: int = 6):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 32, 32, generator=g) * 0.5 + 0.25
+    brain = torch.zeros(n, 1, 32, 32)
+    brain[..., 3:29, 3:29] = 1
+    return x, brain
+
+
+def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
+    module = _module(mask_probability=0.5)
+    x, brain = _batch()
+    with torch.no_grad():
+        out, m, corrupted = module.anomaly_aware_forward(x, brain)
+        clean = module.network(x)
+        again = module.anomaly_aware_forward(x, brain)
+    # x̂ is the clean slice's reconstruction, bit for bit: the prior never sees a synthetic anomaly
+    assert torch.equal(out.reconstruction, clean.reconstruction)
+    # the corruption stays inside the brain, m marks changed brain pixels only
+    assert torch.equal(corrupted * (1 - brain), x * (1 - brain))
+    assert float((m * (1 - brain)).max()) == 0.0 and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert bool(((corrupted - x).abs().amax(1, keepdim=True)[m > 0] >= 0.05).all())
+    touched = (corrupted != x).flatten(1).any(1)
+    assert 0 < int(touched.sum()) < len(x)  # mask_probability 0.5: some slices corrupted, some clean
+    # the field reads the corrupted slice: unchanged slices give the clean forward's field, the
+    # corrupted ones another
+    assert torch.equal(out.velocity[~touched], clean.velocity[~touched])
+    assert not torch.allclose(out.velocity[touched], clean.velocity[touched])
+    # the same training step draws the same anomalies (a resumed run repeats them)
+    assert torch.equal(again[2], corrupted) and torch.equal(again[1], m)
+
+
+def test_the_registration_loss_ignores_what_the_synthetic_anomaly_contains():
+    """Poisoned input: whatever the corrupted slice holds inside m, the similarity term is the
+    same (masked out), while the stiffness and anchor terms act there."""
+    module = _module(mask_probability=1.0, alpha=20.0, anchor_weight=1.0)
+    x, brain = _batch()
+    with torch.no_grad():
+        out, m, corrupted = module.anomaly_aware_forward(x, brain)
+        poisoned = torch.where(m > 0, torch.rand_like(corrupted), corrupted)
+        terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted)
+        terms_poisoned = module.compute_losses(x, out, 0.1, guidance=m, registration_target=poisoned)
+        unmasked = module.compute_losses(x, out, 0.1, registration_target=poisoned)
+        unmasked_ref = module.compute_losses(x, out, 0.1, registration_target=corrupted)
+    assert float(m.sum()) > 0
+    assert float(terms["ncc"]) == pytest.approx(float(terms_poisoned["ncc"]), abs=1e-6)
+    assert abs(float(unmasked["ncc"]) - float(unmasked_ref["ncc"])) > 1e-3  # the poison is visible unmasked
+    assert float(terms["anchor"]) > 0 and float(terms["smooth"]) > float(unmasked["smooth"])
+
+
+def test_fit_with_synthetic_anomalies_trains_the_masked_registration(tiny_phantom, tmp_path):
+    from anomorph.training import fit, load_run, read_training_log
+
+    config = tiny_run_config(tiny_phantom, max_epochs=2, warmup_epochs=0, synthetic_anomalies=True)
+    run = fit(config, run_dir=tmp_path / "run")
+    network, loaded = load_run(run)
+    assert loaded.train.synthetic_anomalies and network.guidance_channels == 0  # no mask input at inference
+    rows = read_training_log(run)
+    # the anchor term exists only on the synthetic-mask path: every epoch trained through it
+    anchor = [float(r["train/anchor_epoch"]) for r in rows if r.get("train/anchor_epoch")]
+    assert len(anchor) == 2 and all(a >= 0 for a in anchor)
+    # the control without the mask: the same corrupted inputs (the field's input changes the
+    # loss), registration unmasked and unheld (no anchor term)
+    control_config = tiny_run_config(tiny_phantom, max_epochs=1, warmup_epochs=0, synthetic_anomalies=True,
+                                     synthetic_anomaly_mask=False)
+    control = fit(control_config, run_dir=tmp_path / "control")
+    plain = fit(tiny_run_config(tiny_phantom, max_epochs=1, warmup_epochs=0), run_dir=tmp_path / "plain")
+    assert not any(r.get("train/anchor_epoch") for r in read_training_log(control))
+    first_loss = [float(r["train/ncc_epoch"]) for r in read_training_log(control) if r.get("train/ncc_epoch")]
+    plain_loss = [float(r["train/ncc_epoch"]) for r in read_training_log(plain) if r.get("train/ncc_epoch")]
+    assert first_loss[0] != plain_loss[0]  # same seed, same data: only the corrupted inputs differ
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.name=ae", "train.synthetic_anomalies=true"], "train.synthetic_anomalies"),
+    (["model.name=morphaeus", "guidance.strategy=conditioned", "train.synthetic_anomalies=true"],
+     "train.synthetic_anomalies"),
+    (["model.name=morphaeus", "train.synthetic_anomaly_mask=false"], "train.synthetic_anomaly_mask"),
+    (["model.name=morphaeus", "guidance.mask_probability=1.5"], "guidance.mask_probability"),
+    (["model.name=morphaeus", "guidance.alpha=-1"], "guidance.alpha"),
+])
+def test_invalid_synthetic_anomaly_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
