@@ -14,9 +14,9 @@ from anomorph.training.module import AnomalyModule
 from conftest import tiny_run_config
 
 
-def _module(**guidance) -> AnomalyModule:
+def _module(train: tuple[str, ...] = (), **guidance) -> AnomalyModule:
     overrides = ["model.name=morphaeus", "data.size=32", "model.channels=[8,16,32]", "model.strides=[2,2,2]",
-                 "model.latent_dim=16", "model.head_channels=[8,16]", "train.synthetic_anomalies=true"]
+                 "model.latent_dim=16", "model.head_channels=[8,16]", "train.synthetic_anomalies=true", *train]
     overrides += [f"guidance.{k}={v}" for k, v in guidance.items()]
     config = load_config(None, overrides)
     torch.manual_seed(0)
@@ -55,6 +55,19 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     assert not torch.allclose(out.velocity[touched], clean.velocity[touched])
     # the same training step draws the same anomalies (a resumed run repeats them)
     assert torch.equal(again[2], corrupted) and torch.equal(again[1], m)
+
+
+def test_blob_count_and_radius_settings_bound_the_synthetic_mask():
+    """Radii are fractions of the side: at 32², radius ≤ 0.03 is ≤ 0.96 px, so each blob's
+    half-weight region holds at most π·0.96² < 3 pixels; radius 0.2–0.25 blobs hold dozens."""
+    x, brain = _batch()
+    small = _module(("train.synthetic_max_blobs=2", "train.synthetic_radius_range=[0.02,0.03]"), mask_probability=1.0)
+    large = _module(("train.synthetic_max_blobs=2", "train.synthetic_radius_range=[0.2,0.25]"), mask_probability=1.0)
+    with torch.no_grad():
+        _, m_small, _ = small.anomaly_aware_forward(x, brain)
+        _, m_large, _ = large.anomaly_aware_forward(x, brain)
+    assert float(m_small.flatten(1).sum(1).max()) <= 2 * 3
+    assert float(m_large.flatten(1).sum(1).max()) > 30
 
 
 def test_the_registration_loss_ignores_what_the_synthetic_anomaly_contains():
@@ -105,6 +118,8 @@ def test_fit_with_synthetic_anomalies_trains_the_masked_registration(tiny_phanto
     (["model.name=morphaeus", "train.synthetic_anomaly_mask=false"], "train.synthetic_anomaly_mask"),
     (["model.name=morphaeus", "guidance.mask_probability=1.5"], "guidance.mask_probability"),
     (["model.name=morphaeus", "guidance.alpha=-1"], "guidance.alpha"),
+    (["model.name=morphaeus", "train.synthetic_radius_range=[0.2,0.1]"], "train.synthetic_radius_range"),
+    (["model.name=morphaeus", "train.synthetic_max_blobs=0"], "train.synthetic_max_blobs"),
 ])
 def test_invalid_synthetic_anomaly_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

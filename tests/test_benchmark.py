@@ -476,13 +476,22 @@ def test_guided_targets_takes_the_row_that_met_min_lpr_on_val_before_the_best_au
     selection = tmp_path / "selection"
     selection.mkdir()
     with open(selection / "search.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "run", "params", "pixel_auprc", "chosen"])
+        writer = csv.DictWriter(handle, fieldnames=["method", "run", "params", "pixel_auprc", "min_kind_lpr", "chosen"])
         writer.writeheader()
-        for method, auprc, chosen in (("gating", 0.43, True), ("gating", 0.47, False), ("cost_masking", 0.52, True),
-                                      ("tto", 0.60, True)):
-            writer.writerow({"method": method, "run": "default", "params": "{}", "pixel_auprc": auprc, "chosen": chosen})
-    chosen = {"criterion": "pixel_auprc", "guidance": {"gating": {}, "cost_masking": {}, "tto": {}}}
+        for method, auprc, lpr, chosen in (("gating", 0.43, 0.96, True), ("gating", 0.47, 0.9, False),
+                                           ("cost_masking", 0.52, 0.9, True), ("tto", 0.60, 0.8, True),
+                                           ("aware", 0.50, 0.97, True), ("aware", 0.55, 0.90, False),
+                                           ("aware_control", 0.70, 0.99, True)):
+            writer.writerow({"method": method, "run": "default", "params": "{}", "pixel_auprc": auprc,
+                             "min_kind_lpr": lpr, "chosen": chosen})
+    chosen = {"criterion": "pixel_auprc", "guidance": {"gating": {}, "cost_masking": {}, "tto": {}},
+              "setup": json.dumps({"selection": {"min_lpr": 0.95}})}
     (selection / "chosen.json").write_text(json.dumps(chosen))
+    # trained rows count only when named; their val LPR is read from the row (0.97 ≥ 0.95)
+    assert targets.best_real_u_row(selection, ["aware", "cost_masking"]) == ("aware", 0.50)
+    chosen["setup"] = json.dumps({"selection": {}})  # no min_lpr: the best val AUPRC of the candidates
+    (selection / "chosen.json").write_text(json.dumps(chosen))
+    assert targets.best_real_u_row(selection, ["aware", "cost_masking"]) == ("cost_masking", 0.52)
     assert targets.best_real_u_row(selection) == ("cost_masking", 0.52)  # the control tto never counts
     chosen["meets_min_lpr"] = {"gating": True, "cost_masking": False, "tto": False}
     (selection / "chosen.json").write_text(json.dumps(chosen))

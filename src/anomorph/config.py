@@ -80,6 +80,9 @@ class TrainConfig:
         ``guidance.gamma``·(log det Jφ)²)) on the synthetic mask m. The field is thus never
         rewarded for registering an anomaly away, and is penalised for deforming inside one; at
         inference it needs no u (any ``guidance.strategy`` still applies on top).
+    synthetic_max_blobs / synthetic_radius_range: with ``synthetic_anomalies``, each corrupted
+        slice gets 1..max_blobs blobs with radii in [low, high] (fractions of the image side:
+        at 64², the default [0.03, 0.15] is about 2–10 pixels).
     synthetic_anomaly_mask: with ``synthetic_anomalies``, whether the registration loss uses m
         (default). False is the control that isolates the mask: the same corrupted slices, the
         field registering x̂ to them with the plain NCC and uniform β (it is then rewarded for
@@ -111,6 +114,8 @@ class TrainConfig:
     log_every_n_steps: int = 10
     progress_bar: bool = True
     synthetic_anomalies: bool = False
+    synthetic_max_blobs: int = 3
+    synthetic_radius_range: list[float] = field(default_factory=lambda: [0.03, 0.15])
     synthetic_anomaly_mask: bool = True
 
 
@@ -280,6 +285,10 @@ def _check_ranges(config: RunConfig) -> None:
     need(t.ncc_window >= 1 and t.ncc_window % 2 == 1, "train.ncc_window", t.ncc_window, "must be an odd number >= 1")
     need(finite(t.limit_train_batches) and t.limit_train_batches > 0, "train.limit_train_batches",
          t.limit_train_batches, "must be > 0 (a fraction <= 1.0 or a number of batches)")
+    need(t.synthetic_max_blobs >= 1, "train.synthetic_max_blobs", t.synthetic_max_blobs, "must be >= 1")
+    need(len(t.synthetic_radius_range) == 2 and all(finite(r) for r in t.synthetic_radius_range)
+         and 0 < t.synthetic_radius_range[0] <= t.synthetic_radius_range[1] < 0.5, "train.synthetic_radius_range",
+         t.synthetic_radius_range, "must be [low, high] with 0 < low <= high < 0.5 (fractions of the image side)")
     need(0 <= config.seed < 2**32, "seed", config.seed, "must be in [0, 2**32)")
     need(config.model.name.lower() in MODEL_NAMES, "model.name", config.model.name, f"must be one of {sorted(MODEL_NAMES)}")
 

@@ -130,9 +130,9 @@ class AnomalyModule(L.LightningModule):
         (:func:`~anomorph.guidance.masks.synthetic_corruption`; a share 1 − mask_probability of
         the slices left clean) goes to the field; x̂ is computed from the clean x. Returns
         (output, m, corrupted x), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the corruption changed."""
-        g = self.run_config.guidance
-        corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask,
-                                            empty_probability=1.0 - g.mask_probability)
+        g, t = self.run_config.guidance, self.run_config.train
+        corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask, t.synthetic_max_blobs,
+                                            tuple(t.synthetic_radius_range), empty_probability=1.0 - g.mask_probability)
         return self.split_forward(x, corrupted), m, corrupted
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
