@@ -46,13 +46,28 @@ def _f(value: str | None) -> float | None:
     return None if value in (None, "") else float(value)
 
 
-def best_real_u_row(selection: Path) -> tuple[str, float]:
+def meets_min_lpr(row: dict[str, str], chosen: dict) -> bool:
+    """Whether a chosen search row met ``selection.min_lpr`` on val (True without the constraint):
+    the search's own verdict for guided rows, the row's ``min_kind_lpr`` for trained ones."""
+    if row["method"] in chosen.get("meets_min_lpr", {}):
+        return bool(chosen["meets_min_lpr"][row["method"]])
+    min_lpr = json.loads(chosen.get("setup") or "{}").get("selection", {}).get("min_lpr")
+    if min_lpr is None:
+        return True
+    value = _f(row.get("min_kind_lpr"))
+    return value is not None and value >= float(min_lpr)
+
+
+def best_real_u_row(selection: Path, candidates: list[str] | None = None,
+                    controls: tuple[str, ...] = CONTROLS) -> tuple[str, float]:
+    """The rule's row: among ``candidates`` (default: every guided method but the controls), the
+    best val criterion, rows that met ``selection.min_lpr`` first."""
     chosen = json.loads((selection / "chosen.json").read_text())
-    candidates = [r for r in _read(selection / "search.csv") if r["chosen"] == "True"
-                  and r["method"] in chosen["guidance"] and r["method"] not in CONTROLS]
-    # with selection.min_lpr, rows whose val LPR met it on every kind come first (as in the search)
-    meets = chosen.get("meets_min_lpr", {})
-    best = max(candidates, key=lambda r: (meets.get(r["method"], True), _f(r[chosen["criterion"]]) or float("-inf")))
+    names = set(candidates) if candidates else set(chosen["guidance"]) - set(controls)
+    rows = [r for r in _read(selection / "search.csv") if r["chosen"] == "True" and r["method"] in names]
+    if not rows:
+        raise SystemExit(f"{selection / 'search.csv'}: no chosen row of {sorted(names)}")
+    best = max(rows, key=lambda r: (meets_min_lpr(r, chosen), _f(r[chosen["criterion"]]) or float("-inf")))
     return best["method"], float(best[chosen["criterion"]])
 
 
@@ -65,9 +80,14 @@ def main() -> None:
     parser.add_argument("--marker", default="targets", help="the doc's marker pair to fill (default: targets)")
     parser.add_argument("--method", default=None, help="read the targets for this guided row instead of the val "
                                                        "rule's (for comparison; the table says so)")
+    parser.add_argument("--candidates", nargs="+", default=None,
+                        help="the rows the val rule chooses among (default: every guided row but the controls); "
+                             "e.g. a trained method that needs no u")
+    parser.add_argument("--controls", nargs="+", default=["tto", "tto_matched"],
+                        help="control rows shown beside the gap (default: tto tto_matched)")
     args = parser.parse_args()
 
-    ruled, val_score = best_real_u_row(args.results / args.dataset / "selection")
+    ruled, val_score = best_real_u_row(args.results / args.dataset / "selection", args.candidates)
     method = args.method or ruled
     paired = _read(args.results / "paired.csv")
     results = _read(args.results / "results.csv")
@@ -79,7 +99,9 @@ def main() -> None:
     def ci(r: dict[str, str] | None) -> str:
         return "—" if r is None else f"{float(r['mean']):+.3f} [{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]"
 
-    heading = (f"Row with a real u chosen on val: **{method}** (val pixel AUPRC {val_score:.3f}; search: "
+    among = (f"Row chosen on val among {', '.join(args.candidates)}" if args.candidates
+             else "Row with a real u chosen on val")
+    heading = (f"{among}: **{method}** (val pixel AUPRC {val_score:.3f}; search: "
                f"`{args.dataset}/selection/search.csv`)." if method == ruled else
                f"Row **{method}**, named on the command line for comparison: **not** the row the val rule chose "
                f"(**{ruled}**, val pixel AUPRC {val_score:.3f}; search: `{args.dataset}/selection/search.csv`).")
@@ -116,7 +138,7 @@ def main() -> None:
     if oracle_rows:
         best = max(oracle_rows, key=lambda r: float(r["mean"]))
         gain = diff(args.dataset, method, "pixel_auprc")
-        controls = "; ".join(f"control {c}: {ci(diff(args.dataset, c, 'pixel_auprc'))}" for c in ("tto", "tto_matched")
+        controls = "; ".join(f"control {c}: {ci(diff(args.dataset, c, 'pixel_auprc'))}" for c in args.controls
                              if diff(args.dataset, c, "pixel_auprc") is not None)
         if gain is not None:
             share = float(gain["mean"]) / float(best["mean"])
@@ -136,7 +158,9 @@ def main() -> None:
             add(f"{dataset} (frozen choices): keeps the sign of the gain in Δ {label}", ci(r), kept)
     lines.append(f"\n{sum(met_all)} of {len(met_all)} targets met.")
     command = f"python scripts/guided_targets.py {args.results}" + (
-        f" --marker {args.marker}" if args.marker != "targets" else "") + (f" --method {args.method}" if args.method else "")
+        f" --marker {args.marker}" if args.marker != "targets" else "") + (f" --method {args.method}" if args.method else "") + (
+        f" --candidates {' '.join(args.candidates)}" if args.candidates else "") + (
+        f" --controls {' '.join(args.controls)}" if args.controls != ["tto", "tto_matched"] else "")
     table = f"Generated by `{command}`.\n\n" + "\n".join(lines)
     (args.results / ("targets.md" if method == ruled else f"targets_{method}.md")).write_text(table + "\n")
     replace(args.doc, args.marker, table)

@@ -139,8 +139,10 @@ class GuidanceConfig:
         edge linking, whose low threshold is likewise a fraction of the high one: a lesion's
         fainter rim joins its core, an isolated faint spot does not. dilation: pixels, applied to
         m (and to the oracle's ground-truth mask).
-    Conditioned-head training: synthetic blob masks m (``mask_probability`` of the samples get
-    blobs), pasted intensity changes inside them with ``paste_probability``; the smoothness
+    Conditioned-head training (and ``train.synthetic_anomalies``, which uses mask_probability,
+    alpha, anchor_weight and gamma the same way): synthetic blob masks m (``mask_probability``
+    of the samples get blobs), pasted intensity changes inside them with ``paste_probability``
+    (conditioned head only); the smoothness
     weight becomes λ(x) = β·(1 + alpha·m(x)) on ‖∇v‖² and a local anchor anchor_weight·m·(‖d‖² +
     gamma·(log det Jφ)²) is added; the NCC is cost-function masked by (1 − m).
     Test-time strategies (map, cost_masking, tto): ``map_steps`` Adam steps (lr ``map_lr``,
