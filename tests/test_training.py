@@ -1,7 +1,9 @@
 """Training: a real (tiny) fit end to end, resume, schedule, checkpoint safety."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +195,30 @@ def test_the_optimizer_is_fused_adam_on_cpu_and_steps_like_the_reference_adam(ti
     moved = max(float((p - q).abs().max()) for p, q in zip(params, twins))
     assert moved < 1e-6
     assert max(float((p.detach() - p0).abs().max()) for p, p0 in zip(params, initial)) > 1e-4  # it did step
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    """Under ``train.precision: bf16-mixed`` the outputs arrive in bf16 inside an autocast region;
+    the loss must equal the float32 loss of the same values (bf16 local NCC windows gave −3·10⁶)."""
+    from anomorph.networks import ModelOutput
+    from anomorph.training.module import AnomalyModule
+
+    config = tiny_run_config(Path("unused.csv"))
+    module = AnomalyModule(dataclasses.asdict(config))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 32, 32, generator=g)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(4, 1, 32, 32, generator=g), 5, 1, 2)
+    out = ModelOutput(reconstruction=(x * 0.8 + 0.1 * smooth), warped=(x * 0.9 + 0.05 * smooth),
+                      velocity=torch.randn(4, 2, 32, 32, generator=g) * 0.3,
+                      displacement=torch.randn(4, 2, 32, 32, generator=g) * 0.3)
+    reference = module.compute_losses(x, out, 0.1)
+    low = ModelOutput(*(v.bfloat16() if isinstance(v, torch.Tensor) else v for v in
+                        (out.reconstruction, out.warped, out.velocity, out.displacement)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = module.compute_losses(x, low, 0.1)
+        mixed_same_inputs = module.compute_losses(x, out, 0.1)
+    for key in ("mse", "ssim", "ncc", "smooth", "loss"):
+        assert mixed[key].dtype == torch.float32
+        assert float(mixed_same_inputs[key]) == pytest.approx(float(reference[key]), rel=1e-5, abs=1e-6)
+        # bf16 *values* (rounded outputs) differ only by their rounding, not by orders of magnitude
+        assert float(mixed[key]) == pytest.approx(float(reference[key]), rel=0.05, abs=2e-3)

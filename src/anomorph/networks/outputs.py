@@ -1,7 +1,7 @@
 """The single return type of every anomorph network."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -37,3 +37,9 @@ class ModelOutput:
     logvar: torch.Tensor | None = None
     log_variance: torch.Tensor | None = None
     latent: torch.Tensor | None = None
+
+    def float(self) -> "ModelOutput":
+        """The same output with every floating-point tensor in float32 (e.g. after a bf16
+        autocast forward, before losses whose sums and variances bf16 cannot hold)."""
+        return ModelOutput(**{f.name: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                              for f in fields(self) for v in (getattr(self, f.name),)})

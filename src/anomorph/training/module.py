@@ -57,7 +57,19 @@ class AnomalyModule(L.LightningModule):
                        registration_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms and their total (``loss``). ``guidance`` m ``(B, 1, H, W)`` switches on the
         spatially weighted prior (conditioned-head training); ``registration_target`` is the image
-        x̃ is registered to (default ``x``; the head's input with pasted fake anomalies)."""
+        x̃ is registered to (default ``x``; the head's input with pasted fake anomalies).
+
+        Always computed in float32, outside any autocast region: under ``train.precision:
+        bf16-mixed`` the network's outputs arrive in bfloat16, whose 8-bit mantissa cannot hold
+        the window sums and variances of the local NCC and SSIM (they came out as −3·10⁶ and inf)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._compute_losses(x.float(), out.float(), beta,
+                                        None if guidance is None else guidance.float(),
+                                        None if registration_target is None else registration_target.float())
+
+    def _compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
+                        guidance: torch.Tensor | None, registration_target: torch.Tensor | None
+                        ) -> dict[str, torch.Tensor]:
         t = self.run_config.train
         g = self.run_config.guidance
         target = x if registration_target is None else registration_target
