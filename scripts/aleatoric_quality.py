@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/uncertainty.md"))
     args = parser.parse_args()
 
-    from anomorph.benchmark.runner import ensure_dataset, load_benchmark_config, method_overrides, train_method
+    from anomorph.benchmark.runner import chosen_reference, load_benchmark_config, train_method
     from anomorph.benchmark.uncertainty_quality import (gating_guidance, quality_csv, quality_markdown,
                                                         quality_panels, quality_rows)
     from anomorph.evaluation.evaluate import EvaluationData, evaluate_scorer
@@ -61,10 +61,7 @@ def main() -> None:
 
     config = load_benchmark_config(args.config)
     chosen = json.loads(args.chosen.read_text())
-    dataset = next(d for d in config.datasets if d.name == chosen["dataset"])
-    manifest = ensure_dataset(dataset, chosen["seed"])
-    method = next(m for m in config.methods if m.name == config.reference)
-    base = method_overrides(config, method, manifest, chosen["seed"]) + list(chosen["train"][config.reference])
+    manifest, method, base = chosen_reference(config, chosen)
 
     rows, maps, baselines, data = [], {}, {}, None
     for name, (overrides, specs) in RUNS.items():
@@ -72,7 +69,7 @@ def main() -> None:
         network, run_config = load_run(run_dir)
         if data is None:  # the twins differ only in the model: the same slices for both
             data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
-            on_val = EvaluationData(data.manifest, data.config, None, data.val, None, [], data.calibration)
+            on_val = data.val_as_test()
         guidance, raw_guidance = gating_guidance(run_config, chosen)
         baselines[name] = evaluate_scorer(ModelScorer(network, run_config), on_val, config.batch_size
                                           ).metrics.get("pixel_auprc")

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
     from throughput import environment
 
-    from anomorph.benchmark.runner import ensure_dataset, load_benchmark_config, method_overrides, train_method
+    from anomorph.benchmark.runner import chosen_reference, load_benchmark_config, train_method
     from anomorph.evaluation.evaluate import EvaluationData, evaluate_scorer
     from anomorph.runs import load_run
     from anomorph.scoring import ModelScorer
@@ -53,10 +53,7 @@ def main() -> None:
 
     config = load_benchmark_config(args.config)
     chosen = json.loads(args.chosen.read_text())
-    dataset = next(d for d in config.datasets if d.name == chosen["dataset"])
-    manifest = ensure_dataset(dataset, chosen["seed"])
-    method = next(m for m in config.methods if m.name == config.reference)
-    base = method_overrides(config, method, manifest, chosen["seed"]) + list(chosen["train"][config.reference])
+    manifest, method, base = chosen_reference(config, chosen)
 
     results, on_val = {}, None
     for precision in PRECISIONS:
@@ -69,7 +66,7 @@ def main() -> None:
         network, run_config = load_run(run_dir)
         if on_val is None:
             data = EvaluationData.load(manifest, slice_config(run_config.data), config.calibration_fraction)
-            on_val = EvaluationData(data.manifest, data.config, None, data.val, None, [], data.calibration)
+            on_val = data.val_as_test()
         metrics = evaluate_scorer(ModelScorer(network, run_config), on_val, config.batch_size).metrics
         results[precision] = {"fit_seconds": round(seconds, 1),
                               "seconds_per_epoch": round(seconds / run_config.train.max_epochs, 2),

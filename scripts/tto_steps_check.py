@@ -98,12 +98,7 @@ def seed_inputs(config, dataset, seed: int, chosen: dict[str, Any], root: Path, 
 def val_only(data):
     """The val threshold subjects as the scored split (the selection's ``on_val``), calibration
     subjects kept for u: no test slice is scored."""
-    from anomorph.evaluation.evaluate import EvaluationData
-    from anomorph.evaluation.metrics import size_tertile_edges
-
-    counts = data.val.masks.flatten(1).sum(1).numpy()
-    return EvaluationData(data.manifest, data.config, None, data.val,
-                          tuple(float(e) for e in size_tertile_edges(counts)), [], data.calibration)
+    return data.val_as_test()
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:

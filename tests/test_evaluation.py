@@ -157,3 +157,16 @@ def test_predict_checks_all_inputs_before_writing(tmp_path):
     with pytest.raises(DataError, match="bad.nii.gz"):
         predict_files(ThresholdScorer(size=16), [good, tmp_path / "bad.nii.gz"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_val_as_test_scores_the_val_slices_and_keeps_the_calibration_subjects(tiny_phantom):
+    from anomorph.evaluation.evaluate import EvaluationData
+    from anomorph.evaluation.metrics import size_tertile_edges
+    from anomorph.data.slices import SliceConfig
+
+    data = EvaluationData.load(tiny_phantom, SliceConfig(size=32, min_brain_fraction=0.0), calibration_fraction=0.5)
+    on_val = data.val_as_test()
+    assert on_val.val is None and on_val.test is data.val and on_val.calibration is data.calibration
+    assert {m[0].split for m in on_val.test.meta} == {"val"}
+    counts = data.val.masks.flatten(1).sum(1).numpy()
+    assert on_val.size_edges == tuple(float(e) for e in size_tertile_edges(counts))

@@ -316,6 +316,17 @@ def guided_scorers(method: MethodSpec, run_dir: Path, data, seed: int,
     return scorers
 
 
+def chosen_reference(config: BenchmarkConfig, chosen: dict[str, Any]) -> tuple[Path, MethodSpec, list[str]]:
+    """How the val-chosen reference run of a search (``chosen``: its ``chosen.json``) was trained,
+    to train twins of it: (the manifest of the choosing dataset and seed, built if missing; the
+    reference method; its run-config overrides including the val-chosen training values)."""
+    dataset = next(d for d in config.datasets if d.name == chosen["dataset"])
+    manifest = ensure_dataset(dataset, chosen["seed"])
+    method = next(m for m in config.methods if m.name == config.reference)
+    return manifest, method, (method_overrides(config, method, manifest, chosen["seed"])
+                              + list(chosen["train"].get(config.reference, [])))
+
+
 def method_overrides(config: BenchmarkConfig, method: MethodSpec, manifest: Path, seed: int) -> list[str]:
     """The config overrides of a trained method's run for ``seed`` (before any chosen values)."""
     overrides = [f"data.manifest={manifest}", f"seed={seed}", f"name={method.name}",

@@ -113,7 +113,6 @@ def run_selection(config, dataset) -> dict[str, Any]:
     "guidance": {method: {key: value}}}."""
     from ..evaluation.evaluate import EvaluationData, evaluate_scorer
     from ..evaluation.inference import ModelScorer
-    from ..evaluation.metrics import size_tertile_edges
     from ..training import load_run
     from ..training.datamodule import slice_config
     from .runner import _log, ensure_dataset, ensure_head, guided_scorers, method_overrides, method_setup, train_method
@@ -153,9 +152,7 @@ def run_selection(config, dataset) -> dict[str, Any]:
     data = EvaluationData.load(manifest, slice_config(first.data), config.calibration_fraction)
     if data.val is None or not bool((data.val.labels > 0).any()):
         raise ConfigError(f"dataset {dataset.name!r}: the val search needs val slices with lesions")
-    counts = data.val.masks.flatten(1).sum(1).numpy()
-    on_val = EvaluationData(data.manifest, data.config, None, data.val,
-                            tuple(float(e) for e in size_tertile_edges(counts)), [], data.calibration)
+    on_val = data.val_as_test()
 
     rows: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {"seed": spec.seed, "dataset": dataset.name, "setup": setup,

@@ -96,6 +96,16 @@ class EvaluationData:
                    None if size_edges is None else tuple(float(e) for e in size_edges),
                    _pick_examples(test, counts), calibration)
 
+    def val_as_test(self) -> "EvaluationData":
+        """The val slices in the place of the test slices (the calibration subjects kept for u), so
+        that :func:`evaluate_scorer` scores val: how every val choice and val-only check reads its
+        metrics. Lesion-size tertile edges come from the val lesions."""
+        if self.val is None:
+            raise DataError(f"{self.manifest}: no val split to score")
+        counts = self.val.masks.flatten(1).sum(1).numpy()
+        edges = tuple(float(e) for e in size_tertile_edges(counts)) if (counts > 0).any() else None
+        return EvaluationData(self.manifest, self.config, None, self.val, edges, [], self.calibration)
+
     @property
     def has_oracle(self) -> bool:
         return bool(self.test.has_healthy.all()) and (self.val is None or bool(self.val.has_healthy.all()))
