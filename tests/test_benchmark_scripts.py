@@ -5,6 +5,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -113,3 +115,32 @@ def test_end_to_end_strategies_take_guidance_overrides():
     with pytest.raises(SystemExit):
         e2e.parse_args(["--strategies", "warp_speed:map_steps=10"])
     assert e2e._folder("cost_masking:map_steps=10,threshold=6") == "cost_masking_map_steps_10_threshold_6"
+
+
+def test_rim_residual_bands_match_a_brute_force_distance():
+    import importlib.util
+    import math
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("rim_residual", Path("scripts/rim_residual.py"))
+    rim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rim)
+    lesion = np.zeros((1, 24, 24), bool)
+    lesion[0, 10:13, 10:13] = True
+    brain = np.ones((1, 24, 24))
+    values = np.random.default_rng(0).random((1, 24, 24))
+    healthy = np.random.default_rng(1).random((1, 24, 24))
+    got = rim.band_means(np.concatenate([values, healthy]), np.concatenate([lesion, np.zeros_like(lesion)]),
+                         np.concatenate([brain, brain]))
+    points = np.argwhere(lesion[0])
+    expected = {name: [0.0, 0] for name, _, _ in rim.BANDS}
+    for (i, j), v in np.ndenumerate(values[0]):
+        d = min(math.dist((i, j), p) for p in points)
+        for name, low, high in rim.BANDS:
+            if (low is None and d == 0) or (low is not None and low < d <= high):
+                expected[name][0] += v
+                expected[name][1] += 1
+    for name, (total, count) in expected.items():
+        assert got[name][1] == count and got[name][0] == pytest.approx(total)
+    assert got["no lesion on the slice"] == (pytest.approx(float(healthy.sum())), 24 * 24)
