@@ -52,6 +52,9 @@ from anomorph.data.io import write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from throughput import Workload, cpu_flags  # noqa: E402  (the sibling script's step and CPU flags)
+
 SCHEMA = "anomorph.end_to_end/1"
 PHANTOM = {"n_slices": 12, "seed": 0, "n_train": 16, "n_val_healthy": 2, "n_val_lesion": 4,
            "n_test": 4, "n_test_healthy": 1}
@@ -115,8 +118,6 @@ def build_data(out: Path, size: int) -> Path:
 
 def raw_step_rate(model: str, size: int, batch_size: int, seconds: float) -> dict[str, float]:
     """Training steps/s of throughput.py's step (fixed random batch), median over ``seconds``."""
-    sys.path.insert(0, str(HERE))
-    from throughput import Workload  # noqa: PLC0415
 
     workload = Workload(model, size, batch_size, torch.device("cpu"))
     workload.train_step()
@@ -334,9 +335,6 @@ def load_average() -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(HERE))
-    from throughput import cpu_flags  # noqa: PLC0415
-
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="anomorph_e2e_"))
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {

@@ -15,6 +15,7 @@ the unguided reference. Writes ``--out`` (Markdown) and the ``aware-rim`` marker
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/phantom_aware/rim_residual.md"))
     parser.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     args = parser.parse_args()
-
-    import json
 
     import torch
 

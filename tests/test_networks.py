@@ -556,7 +556,6 @@ def test_mc_dropout_makes_eval_outputs_stochastic():
     assert torch.equal(no_dropout(x).warped, no_dropout(x).warped)
 
 
-
 def test_residual_block_adds_in_place_only_without_autograd_and_leaves_its_input_alone():
     from anomorph.networks.blocks import ResidualBlock
 
@@ -572,6 +571,7 @@ def test_residual_block_adds_in_place_only_without_autograd_and_leaves_its_input
     out = block(x)
     out.sum().backward()  # the autograd path still differentiates (no in-place on saved tensors)
     assert torch.equal(out.detach(), reference) and x.grad is not None and float(x.grad.abs().sum()) > 0
+
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dropout_keeps_each_entry_with_probability_one_minus_p_and_scales_it(channels_last):
