@@ -38,7 +38,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     module = _module(mask_probability=0.5)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, clean_displacement = module.anomaly_aware_forward(x, brain)
         clean = module.network(x)
         again = module.anomaly_aware_forward(x, brain)
     # x̂ is the clean slice's reconstruction, bit for bit: the prior never sees a synthetic anomaly
@@ -55,6 +55,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     assert not torch.allclose(out.velocity[touched], clean.velocity[touched])
     # the same training step draws the same anomalies (a resumed run repeats them)
     assert torch.equal(again[2], corrupted) and torch.equal(again[1], m)
+    assert clean_displacement is None  # field_consistency_weight 0: no clean field computed
 
 
 def test_blob_count_and_radius_settings_bound_the_synthetic_mask():
@@ -64,8 +65,8 @@ def test_blob_count_and_radius_settings_bound_the_synthetic_mask():
     small = _module(("train.synthetic_max_blobs=2", "train.synthetic_radius_range=[0.02,0.03]"), mask_probability=1.0)
     large = _module(("train.synthetic_max_blobs=2", "train.synthetic_radius_range=[0.2,0.25]"), mask_probability=1.0)
     with torch.no_grad():
-        _, m_small, _ = small.anomaly_aware_forward(x, brain)
-        _, m_large, _ = large.anomaly_aware_forward(x, brain)
+        m_small = small.anomaly_aware_forward(x, brain).mask
+        m_large = large.anomaly_aware_forward(x, brain).mask
     assert float(m_small.flatten(1).sum(1).max()) <= 2 * 3
     assert float(m_large.flatten(1).sum(1).max()) > 30
 
@@ -76,7 +77,7 @@ def test_the_registration_loss_ignores_what_the_synthetic_anomaly_contains():
     module = _module(mask_probability=1.0, alpha=20.0, anchor_weight=1.0)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, _ = module.anomaly_aware_forward(x, brain)
         poisoned = torch.where(m > 0, torch.rand_like(corrupted), corrupted)
         terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted)
         terms_poisoned = module.compute_losses(x, out, 0.1, guidance=m, registration_target=poisoned)
@@ -111,7 +112,48 @@ def test_fit_with_synthetic_anomalies_trains_the_masked_registration(tiny_phanto
     assert first_loss[0] != plain_loss[0]  # same seed, same data: only the corrupted inputs differ
 
 
+def test_field_consistency_asks_the_corrupted_slice_for_the_clean_slices_field():
+    """The target is the displacement the network gives the clean slice (brute force: the
+    network's own forward on x); the term is zero on slices left clean and positive on the
+    corrupted ones; its gradient reaches the velocity head through the corrupted field only."""
+    module = _module(("train.field_consistency_weight=10",), mask_probability=0.5, alpha=0.0, anchor_weight=0.0)
+    x, brain = _batch()
+    with torch.no_grad():
+        out, m, corrupted, target = module.anomaly_aware_forward(x, brain)
+        clean = module.network(x)
+    torch.testing.assert_close(target, clean.displacement)
+    touched = (corrupted != x).flatten(1).any(1)
+    assert 0 < int(touched.sum()) < len(x)
+    per_slice = (out.displacement - target).pow(2).sum(1).flatten(1).mean(1)
+    assert float(per_slice[~touched].max()) < 1e-10 and float(per_slice[touched].min()) > 1e-6
+    terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, displacement_target=target)
+    assert float(terms["consistency"]) == pytest.approx(float(per_slice.mean()), rel=1e-3)
+    without = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted)
+    assert "consistency" not in without
+    assert float(terms["loss"] - without["loss"]) == pytest.approx(10 * float(terms["consistency"]), rel=1e-2)
+    # the gradient: the corrupted field moves toward the clean one, the target is fixed
+    module.train()
+    out, m, corrupted, target = module.anomaly_aware_forward(x, brain)
+    assert not target.requires_grad and out.displacement.requires_grad
+    module.zero_grad()
+    module.compute_losses(x, out, 0.1, displacement_target=target)["consistency"].backward()
+    assert float(module.network.velocity_head.velocity.weight.grad.abs().sum()) > 0
+
+
+def test_fit_with_field_consistency_logs_the_term(tiny_phantom, tmp_path):
+    from anomorph.training import fit, read_training_log
+
+    config = tiny_run_config(tiny_phantom, max_epochs=2, warmup_epochs=0, synthetic_anomalies=True,
+                             field_consistency_weight=10.0)
+    rows = read_training_log(fit(config, run_dir=tmp_path / "run"))
+    consistency = [float(r["train/consistency_epoch"]) for r in rows if r.get("train/consistency_epoch")]
+    assert len(consistency) == 2 and all(c >= 0 for c in consistency)
+
+
 @pytest.mark.parametrize("overrides, key", [
+    (["model.name=morphaeus", "train.field_consistency_weight=1"], "train.field_consistency_weight"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=-1"],
+     "train.field_consistency_weight"),
     (["model.name=ae", "train.synthetic_anomalies=true"], "train.synthetic_anomalies"),
     (["model.name=morphaeus", "guidance.strategy=conditioned", "train.synthetic_anomalies=true"],
      "train.synthetic_anomalies"),

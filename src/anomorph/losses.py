@@ -303,6 +303,19 @@ def velocity_smoothness(
     return total
 
 
+def displacement_consistency(displacement: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and pixels of ‖d − target‖² (summed over the D components), pixels².
+
+    Both ``(B, D, *spatial)`` in pixels; ``target`` is a fixed reference field (no gradient is
+    taken through it). Field-consistency training uses it with the displacement the network
+    gives the clean slice as the target of the field it gives the same slice with synthetic
+    anomalies (``train.field_consistency_weight``).
+    """
+    if displacement.shape != target.shape:
+        raise ValueError(f"displacement {tuple(displacement.shape)} and target {tuple(target.shape)} differ in shape")
+    return (displacement - target.detach()).pow(2).sum(dim=1).mean()
+
+
 def _second_derivative(field: torch.Tensor, axis_1: int, axis_2: int) -> torch.Tensor:
     """Compact central second difference along spatial axes (tensor dims) ``axis_1``, ``axis_2``,
     on the interior (every spatial axis cropped by one pixel), 1-pixel spacing."""

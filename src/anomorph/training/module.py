@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -17,6 +17,15 @@ from ..guidance.priors import log_jacobian_anchor
 from ..networks import ModelOutput, build_network
 from .. import losses
 from ..runs import network_options  # noqa: F401  (re-exported)
+
+
+class AwareForward(NamedTuple):
+    """What :meth:`AnomalyModule.anomaly_aware_forward` returns (see there)."""
+
+    output: ModelOutput
+    mask: torch.Tensor
+    corrupted: torch.Tensor
+    clean_displacement: torch.Tensor | None
 
 
 def is_deformable(config: RunConfig) -> bool:
@@ -54,10 +63,13 @@ class AnomalyModule(L.LightningModule):
 
     def compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
                        guidance: torch.Tensor | None = None,
-                       registration_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       registration_target: torch.Tensor | None = None,
+                       displacement_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms and their total (``loss``). ``guidance`` m ``(B, 1, H, W)`` switches on the
         spatially weighted prior (conditioned-head training); ``registration_target`` is the image
-        x̃ is registered to (default ``x``; the head's input with pasted fake anomalies).
+        x̃ is registered to (default ``x``; the head's input with pasted fake anomalies);
+        ``displacement_target`` ``(B, D, *spatial)`` (pixels) adds the field-consistency term
+        ``train.field_consistency_weight``·mean over pixels of ‖d − target‖² (pixels²).
 
         Always computed in float32, outside any autocast region: under ``train.precision:
         bf16-mixed`` the network's outputs arrive in bfloat16, whose 8-bit mantissa cannot hold
@@ -65,11 +77,12 @@ class AnomalyModule(L.LightningModule):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._compute_losses(x.float(), out.float(), beta,
                                         None if guidance is None else guidance.float(),
-                                        None if registration_target is None else registration_target.float())
+                                        None if registration_target is None else registration_target.float(),
+                                        None if displacement_target is None else displacement_target.float())
 
     def _compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
-                        guidance: torch.Tensor | None, registration_target: torch.Tensor | None
-                        ) -> dict[str, torch.Tensor]:
+                        guidance: torch.Tensor | None, registration_target: torch.Tensor | None,
+                        displacement_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
         t = self.run_config.train
         g = self.run_config.guidance
         target = x if registration_target is None else registration_target
@@ -93,6 +106,9 @@ class AnomalyModule(L.LightningModule):
             if guidance is not None:
                 terms["anchor"] = log_jacobian_anchor(out.displacement, guidance, g.gamma)
                 total = total + g.anchor_weight * terms["anchor"]
+            if displacement_target is not None:
+                terms["consistency"] = losses.displacement_consistency(out.displacement, displacement_target)
+                total = total + t.field_consistency_weight * terms["consistency"]
             if t.bidirectional:
                 terms["ncc_inverse"] = losses.local_ncc_loss(
                     self.network.warp_inverse(x, out.velocity), out.reconstruction.detach(), kernel_size=t.ncc_window)
@@ -114,13 +130,25 @@ class AnomalyModule(L.LightningModule):
         """The deformable AE's forward with the prior x̂ encoded from ``clean`` (it must stay
         pseudo-healthy) and the velocity predicted from ``field_input`` (an image with synthetic
         anomalies) and, for the conditioned head, the mask ``guidance``."""
+        return self._split_forward(clean, field_input, guidance, clean_field=False)[0]
+
+    def _split_forward(self, clean: torch.Tensor, field_input: torch.Tensor, guidance: torch.Tensor | None,
+                       clean_field: bool) -> tuple[ModelOutput, torch.Tensor | None]:
+        """:meth:`split_forward`, and with ``clean_field`` also the displacement ``(B, D, *spatial)``
+        (pixels) the same network gives for the *clean* slice with the same x̂, without gradient:
+        the healthy registration the field-consistency term asks the corrupted slice's field for."""
         net = self.network
         z, mu, logvar = net.prior.encode(clean)
         decoded = net.prior.decode(z)
+        clean_displacement = None
+        if clean_field:
+            with torch.no_grad():
+                clean_displacement = net.integrate(net.predict_velocity(clean, decoded.image, decoded.features))
         velocity = net.predict_velocity(field_input, decoded.image, decoded.features, guidance=guidance)
         prior = decoded.image.detach() if net.detach_prior else decoded.image
         warped, velocity, displacement = net.deform(prior, velocity)
-        return ModelOutput(decoded.image, warped, velocity, displacement, mu, logvar, decoded.log_variance, z)
+        output = ModelOutput(decoded.image, warped, velocity, displacement, mu, logvar, decoded.log_variance, z)
+        return output, clean_displacement
 
     def conditioned_forward(self, x: torch.Tensor, brain_mask: torch.Tensor
                             ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
@@ -136,16 +164,18 @@ class AnomalyModule(L.LightningModule):
         x_head = paste_intensity(x, m, generator, g.paste_probability)
         return self.split_forward(x, x_head, guidance=m), m, x_head
 
-    def anomaly_aware_forward(self, x: torch.Tensor, brain_mask: torch.Tensor
-                              ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
+    def anomaly_aware_forward(self, x: torch.Tensor, brain_mask: torch.Tensor) -> AwareForward:
         """Training forward of ``train.synthetic_anomalies``: x with synthetic anomalies
         (:func:`~anomorph.guidance.masks.synthetic_corruption`; a share 1 − mask_probability of
         the slices left clean) goes to the field; x̂ is computed from the clean x. Returns
-        (output, m, corrupted x), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the corruption changed."""
+        (output, m, corrupted x, clean displacement), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the
+        corruption changed; the clean slice's displacement (no gradient) only when
+        ``train.field_consistency_weight`` > 0, else None."""
         g, t = self.run_config.guidance, self.run_config.train
         corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask, t.synthetic_max_blobs,
                                             tuple(t.synthetic_radius_range), empty_probability=1.0 - g.mask_probability)
-        return self.split_forward(x, corrupted), m, corrupted
+        out, clean_displacement = self._split_forward(x, corrupted, None, clean_field=t.field_consistency_weight > 0)
+        return AwareForward(out, m, corrupted, clean_displacement)
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
         batch = self.in_layout(batch)
@@ -154,9 +184,10 @@ class AnomalyModule(L.LightningModule):
             out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
             terms = self.compute_losses(batch.image, out, beta, guidance=m, registration_target=x_head)
         elif self.run_config.train.synthetic_anomalies:
-            out, m, corrupted = self.anomaly_aware_forward(batch.image, batch.brain_mask)
+            out, m, corrupted, clean_displacement = self.anomaly_aware_forward(batch.image, batch.brain_mask)
             held = m if self.run_config.train.synthetic_anomaly_mask else None
-            terms = self.compute_losses(batch.image, out, beta, guidance=held, registration_target=corrupted)
+            terms = self.compute_losses(batch.image, out, beta, guidance=held, registration_target=corrupted,
+                                        displacement_target=clean_displacement)
         else:
             out = self.network(batch.image)
             terms = self.compute_losses(batch.image, out, beta)
