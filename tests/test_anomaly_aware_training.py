@@ -10,6 +10,7 @@ import torch
 
 from anomorph.config import load_config
 from anomorph.errors import ConfigError
+from anomorph.losses import displacement_consistency
 from anomorph.training.module import AnomalyModule
 from conftest import tiny_run_config
 
@@ -55,7 +56,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     assert not torch.allclose(out.velocity[touched], clean.velocity[touched])
     # the same training step draws the same anomalies (a resumed run repeats them)
     assert torch.equal(again[2], corrupted) and torch.equal(again[1], m)
-    assert clean_displacement is None  # field_consistency_weight 0: no clean field computed
+    assert clean_displacement is None  # field_consistency_weight null: no clean field computed
 
 
 def test_blob_count_and_radius_settings_bound_the_synthetic_mask():
@@ -112,32 +113,51 @@ def test_fit_with_synthetic_anomalies_trains_the_masked_registration(tiny_phanto
     assert first_loss[0] != plain_loss[0]  # same seed, same data: only the corrupted inputs differ
 
 
-def test_field_consistency_asks_the_corrupted_slice_for_the_clean_slices_field():
-    """The target is the displacement the network gives the clean slice (brute force: the
-    network's own forward on x); the term is zero on slices left clean and positive on the
-    corrupted ones; its gradient reaches the velocity head through the corrupted field only."""
+def test_field_consistency_ties_the_corrupted_slices_field_to_the_clean_slices_field():
+    """The clean branch is the network's own registration of the clean slice (brute force: its
+    forward on x); the tie is zero on slices left clean and positive on corrupted ones; the
+    registration terms are the mean of both branches'; the tie's gradient reaches both fields."""
     module = _module(("train.field_consistency_weight=10",), mask_probability=0.5, alpha=0.0, anchor_weight=0.0)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted, target = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, clean_branch = module.anomaly_aware_forward(x, brain)
         clean = module.network(x)
-    torch.testing.assert_close(target, clean.displacement)
+        alone = _module(mask_probability=0.5, alpha=0.0, anchor_weight=0.0).anomaly_aware_forward(x, brain)
+    torch.testing.assert_close(clean_branch.displacement, clean.displacement)
+    torch.testing.assert_close(clean_branch.warped, clean.warped)
+    torch.testing.assert_close(out.displacement, alone.output.displacement)  # batching both changes nothing
     touched = (corrupted != x).flatten(1).any(1)
     assert 0 < int(touched.sum()) < len(x)
-    per_slice = (out.displacement - target).pow(2).sum(1).flatten(1).mean(1)
+    per_slice = (out.displacement - clean_branch.displacement).pow(2).sum(1).flatten(1).mean(1)
     assert float(per_slice[~touched].max()) < 1e-10 and float(per_slice[touched].min()) > 1e-6
-    terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, displacement_target=target)
+    terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, clean_branch=clean_branch)
     assert float(terms["consistency"]) == pytest.approx(float(per_slice.mean()), rel=1e-3)
+    plain = module.compute_losses(x, clean, 0.1)
+    assert float(terms["ncc_clean"]) == pytest.approx(float(plain["ncc"]), abs=1e-6)
     without = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted)
     assert "consistency" not in without
-    assert float(terms["loss"] - without["loss"]) == pytest.approx(10 * float(terms["consistency"]), rel=1e-2)
-    # the gradient: the corrupted field moves toward the clean one, the target is fixed
+    # weight 0, the control: both fields trained (the clean branch exists), not tied
+    control = _module(("train.field_consistency_weight=0",), mask_probability=0.5, alpha=0.0, anchor_weight=0.0)
+    with torch.no_grad():
+        c_out, c_m, c_corrupted, c_clean = control.anomaly_aware_forward(x, brain)
+        c_terms = control.compute_losses(x, c_out, 0.1, guidance=c_m, registration_target=c_corrupted,
+                                         clean_branch=c_clean)
+    assert c_clean is not None and float(c_terms["consistency"]) > 0
+    assert float(c_terms["loss"]) == pytest.approx(float(
+        c_terms["mse"] + c_terms["ssim"] + (c_terms["ncc"] + c_terms["ncc_clean"]) / 2
+        + 0.1 * (c_terms["smooth"] + c_terms["smooth_clean"]) / 2), abs=1e-5)
+    expected = (without["loss"] + 0.5 * (terms["ncc_clean"] - terms["ncc"])
+                + 0.1 * 0.5 * (terms["smooth_clean"] - terms["smooth"]) + 10 * terms["consistency"])
+    assert float(terms["loss"]) == pytest.approx(float(expected), abs=1e-5)
+    # the tie's gradient reaches both branches: each alone has a non-zero gradient
     module.train()
-    out, m, corrupted, target = module.anomaly_aware_forward(x, brain)
-    assert not target.requires_grad and out.displacement.requires_grad
-    module.zero_grad()
-    module.compute_losses(x, out, 0.1, displacement_target=target)["consistency"].backward()
-    assert float(module.network.velocity_head.velocity.weight.grad.abs().sum()) > 0
+    for branch in ("corrupted", "clean"):
+        out, m, corrupted, clean_branch = module.anomaly_aware_forward(x, brain)
+        tied = (out.displacement, clean_branch.displacement.detach()) if branch == "corrupted" else \
+            (out.displacement.detach(), clean_branch.displacement)
+        module.zero_grad()
+        displacement_consistency(*tied).backward()
+        assert float(module.network.velocity_head.velocity.weight.grad.abs().sum()) > 0, branch
 
 
 def test_fit_with_field_consistency_logs_the_term(tiny_phantom, tmp_path):
@@ -151,8 +171,10 @@ def test_fit_with_field_consistency_logs_the_term(tiny_phantom, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["model.name=morphaeus", "train.field_consistency_weight=1"], "train.field_consistency_weight"),
+    (["model.name=morphaeus", "train.field_consistency_weight=0"], "train.field_consistency_weight"),
     (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=-1"],
+     "train.field_consistency_weight"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=.nan"],
      "train.field_consistency_weight"),
     (["model.name=ae", "train.synthetic_anomalies=true"], "train.synthetic_anomalies"),
     (["model.name=morphaeus", "guidance.strategy=conditioned", "train.synthetic_anomalies=true"],

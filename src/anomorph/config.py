@@ -83,14 +83,15 @@ class TrainConfig:
     synthetic_max_blobs / synthetic_radius_range: with ``synthetic_anomalies``, each corrupted
         slice gets 1..max_blobs blobs with radii in [low, high] (fractions of the image side:
         at 64², the default [0.03, 0.15] is about 2–10 pixels).
-    field_consistency_weight: with ``synthetic_anomalies``, the weight of the field-consistency
-        term (0 = off): the mean over pixels of ‖d(corrupted) − d(clean)‖² (pixels²), where
-        d(clean) is the displacement the same network gives the *clean* slice, taken without
-        gradient. It asks the field to register a slice with synthetic anomalies exactly as it
+    field_consistency_weight: with ``synthetic_anomalies``, field-consistency training (null =
+        off). A number w ≥ 0: the same network also registers x̂ to the *clean* slice (plain
+        NCC; its registration terms are averaged with the corrupted slice's), and
+        w · mean over pixels of ‖d(corrupted) − d(clean)‖² (pixels², gradient into both) ties the
+        two fields. It asks the field to register a slice with synthetic anomalies as it
         registers the healthy slice underneath: inside m (no registering away), at its rim and
         everywhere else (no stiffening of healthy tissue, which a hold β(1 + α·m) and the anchor
-        do not give). Use with ``guidance.alpha: 0`` and ``guidance.anchor_weight: 0``
-        (configs/morphaeus_consistent.yaml).
+        do not give). w = 0 is the control: both fields trained, not tied. Use with
+        ``guidance.alpha: 0`` and ``guidance.anchor_weight: 0`` (configs/morphaeus_consistent.yaml).
     synthetic_anomaly_mask: with ``synthetic_anomalies``, whether the registration loss uses m
         (default). False is the control that isolates the mask: the same corrupted slices, the
         field registering x̂ to them with the plain NCC and uniform β (it is then rewarded for
@@ -125,7 +126,7 @@ class TrainConfig:
     synthetic_max_blobs: int = 3
     synthetic_radius_range: list[float] = field(default_factory=lambda: [0.03, 0.15])
     synthetic_anomaly_mask: bool = True
-    field_consistency_weight: float = 0.0
+    field_consistency_weight: float | None = None
 
 
 @dataclass
@@ -286,8 +287,7 @@ def _check_ranges(config: RunConfig) -> None:
          "must be >= 1 (0 epochs would write no checkpoint; -1 = unlimited only with train.max_steps)")
     need(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1, or -1 for no limit")
     need(finite(t.lr) and t.lr > 0, "train.lr", t.lr, "the learning rate must be a finite number > 0")
-    for key in ("weight_decay", "ssim_weight", "kl_weight", "ncc_weight", "beta_start", "beta_end",
-                "field_consistency_weight"):
+    for key in ("weight_decay", "ssim_weight", "kl_weight", "ncc_weight", "beta_start", "beta_end"):
         value = getattr(t, key)
         need(finite(value) and value >= 0, f"train.{key}", value, "must be a finite number >= 0")
     for key in ("warmup_epochs", "beta_ramp_epochs", "early_stopping_patience"):
@@ -297,6 +297,8 @@ def _check_ranges(config: RunConfig) -> None:
     need(t.ncc_window >= 1 and t.ncc_window % 2 == 1, "train.ncc_window", t.ncc_window, "must be an odd number >= 1")
     need(finite(t.limit_train_batches) and t.limit_train_batches > 0, "train.limit_train_batches",
          t.limit_train_batches, "must be > 0 (a fraction <= 1.0 or a number of batches)")
+    need(t.field_consistency_weight is None or (finite(t.field_consistency_weight) and t.field_consistency_weight >= 0),
+         "train.field_consistency_weight", t.field_consistency_weight, "must be null (off) or a finite number >= 0")
     need(t.synthetic_max_blobs >= 1, "train.synthetic_max_blobs", t.synthetic_max_blobs, "must be >= 1")
     need(len(t.synthetic_radius_range) == 2 and all(finite(r) for r in t.synthetic_radius_range)
          and 0 < t.synthetic_radius_range[0] <= t.synthetic_radius_range[1] < 0.5, "train.synthetic_radius_range",
@@ -344,7 +346,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if not config.train.synthetic_anomaly_mask and not config.train.synthetic_anomalies:
         raise ConfigError("train.synthetic_anomaly_mask: false only applies with train.synthetic_anomalies: true "
                           "(the control of anomaly-aware training)")
-    if config.train.field_consistency_weight and not config.train.synthetic_anomalies:
+    if config.train.field_consistency_weight is not None and not config.train.synthetic_anomalies:
         raise ConfigError("train.field_consistency_weight: only applies with train.synthetic_anomalies: true "
                           f"(it compares the fields of a slice with and without them), got "
                           f"{config.train.field_consistency_weight!r}")

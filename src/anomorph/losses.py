@@ -303,17 +303,16 @@ def velocity_smoothness(
     return total
 
 
-def displacement_consistency(displacement: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and pixels of ‖d − target‖² (summed over the D components), pixels².
+def displacement_consistency(displacement: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and pixels of ‖d − d'‖² (summed over the D components), pixels².
 
-    Both ``(B, D, *spatial)`` in pixels; ``target`` is a fixed reference field (no gradient is
-    taken through it). Field-consistency training uses it with the displacement the network
-    gives the clean slice as the target of the field it gives the same slice with synthetic
-    anomalies (``train.field_consistency_weight``).
+    Both ``(B, D, *spatial)`` in pixels; the gradient reaches both. Field-consistency training
+    ties the field the network gives a slice with synthetic anomalies to the field it gives the
+    clean slice (``train.field_consistency_weight``), both trained.
     """
-    if displacement.shape != target.shape:
-        raise ValueError(f"displacement {tuple(displacement.shape)} and target {tuple(target.shape)} differ in shape")
-    return (displacement - target.detach()).pow(2).sum(dim=1).mean()
+    if displacement.shape != other.shape:
+        raise ValueError(f"displacement {tuple(displacement.shape)} and {tuple(other.shape)} differ in shape")
+    return (displacement - other).pow(2).sum(dim=1).mean()
 
 
 def _second_derivative(field: torch.Tensor, axis_1: int, axis_2: int) -> torch.Tensor:

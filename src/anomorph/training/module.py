@@ -25,7 +25,7 @@ class AwareForward(NamedTuple):
     output: ModelOutput
     mask: torch.Tensor
     corrupted: torch.Tensor
-    clean_displacement: torch.Tensor | None
+    clean: ModelOutput | None
 
 
 def is_deformable(config: RunConfig) -> bool:
@@ -64,12 +64,15 @@ class AnomalyModule(L.LightningModule):
     def compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
                        guidance: torch.Tensor | None = None,
                        registration_target: torch.Tensor | None = None,
-                       displacement_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       clean_branch: ModelOutput | None = None) -> dict[str, torch.Tensor]:
         """Loss terms and their total (``loss``). ``guidance`` m ``(B, 1, H, W)`` switches on the
         spatially weighted prior (conditioned-head training); ``registration_target`` is the image
         x̃ is registered to (default ``x``; the head's input with pasted fake anomalies);
-        ``displacement_target`` ``(B, D, *spatial)`` (pixels) adds the field-consistency term
-        ``train.field_consistency_weight``·mean over pixels of ‖d − target‖² (pixels²).
+        ``clean_branch`` (field-consistency training): the same network registering x̂ to the clean
+        x; its NCC to x and smoothness are averaged with those of ``out`` (so the registration
+        terms keep the weight they have for a single field), and
+        ``train.field_consistency_weight``·mean over pixels of ‖d − d_clean‖² (pixels²) ties the
+        two fields, with gradient into both.
 
         Always computed in float32, outside any autocast region: under ``train.precision:
         bf16-mixed`` the network's outputs arrive in bfloat16, whose 8-bit mantissa cannot hold
@@ -78,11 +81,11 @@ class AnomalyModule(L.LightningModule):
             return self._compute_losses(x.float(), out.float(), beta,
                                         None if guidance is None else guidance.float(),
                                         None if registration_target is None else registration_target.float(),
-                                        None if displacement_target is None else displacement_target.float())
+                                        None if clean_branch is None else clean_branch.float())
 
     def _compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
                         guidance: torch.Tensor | None, registration_target: torch.Tensor | None,
-                        displacement_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                        clean_branch: ModelOutput | None) -> dict[str, torch.Tensor]:
         t = self.run_config.train
         g = self.run_config.guidance
         target = x if registration_target is None else registration_target
@@ -102,13 +105,17 @@ class AnomalyModule(L.LightningModule):
             terms["ncc"] = (losses.local_ncc_loss(out.warped, target, kernel_size=t.ncc_window) if keep is None
                             else losses.masked_local_ncc_loss(out.warped, target, keep, kernel_size=t.ncc_window))
             terms["smooth"] = losses.velocity_smoothness(out.velocity, weight=stiffness)
-            total = total + t.ncc_weight * terms["ncc"] + beta * terms["smooth"]
+            ncc, smooth = terms["ncc"], terms["smooth"]
+            if clean_branch is not None:
+                terms["ncc_clean"] = losses.local_ncc_loss(clean_branch.warped, x, kernel_size=t.ncc_window)
+                terms["smooth_clean"] = losses.velocity_smoothness(clean_branch.velocity)
+                terms["consistency"] = losses.displacement_consistency(out.displacement, clean_branch.displacement)
+                ncc, smooth = (ncc + terms["ncc_clean"]) / 2, (smooth + terms["smooth_clean"]) / 2
+                total = total + t.field_consistency_weight * terms["consistency"]
+            total = total + t.ncc_weight * ncc + beta * smooth
             if guidance is not None:
                 terms["anchor"] = log_jacobian_anchor(out.displacement, guidance, g.gamma)
                 total = total + g.anchor_weight * terms["anchor"]
-            if displacement_target is not None:
-                terms["consistency"] = losses.displacement_consistency(out.displacement, displacement_target)
-                total = total + t.field_consistency_weight * terms["consistency"]
             if t.bidirectional:
                 terms["ncc_inverse"] = losses.local_ncc_loss(
                     self.network.warp_inverse(x, out.velocity), out.reconstruction.detach(), kernel_size=t.ncc_window)
@@ -133,22 +140,29 @@ class AnomalyModule(L.LightningModule):
         return self._split_forward(clean, field_input, guidance, clean_field=False)[0]
 
     def _split_forward(self, clean: torch.Tensor, field_input: torch.Tensor, guidance: torch.Tensor | None,
-                       clean_field: bool) -> tuple[ModelOutput, torch.Tensor | None]:
-        """:meth:`split_forward`, and with ``clean_field`` also the displacement ``(B, D, *spatial)``
-        (pixels) the same network gives for the *clean* slice with the same x̂, without gradient:
-        the healthy registration the field-consistency term asks the corrupted slice's field for."""
+                       clean_field: bool) -> tuple[ModelOutput, ModelOutput | None]:
+        """:meth:`split_forward`, and with ``clean_field`` also the same network's registration of
+        x̂ to the *clean* slice (warped, velocity, displacement; reconstruction and latents shared),
+        computed in the same batched call of the velocity head and kept in the graph: the field
+        the field-consistency term ties the corrupted slice's field to."""
         net = self.network
         z, mu, logvar = net.prior.encode(clean)
         decoded = net.prior.decode(z)
-        clean_displacement = None
-        if clean_field:
-            with torch.no_grad():
-                clean_displacement = net.integrate(net.predict_velocity(clean, decoded.image, decoded.features))
-        velocity = net.predict_velocity(field_input, decoded.image, decoded.features, guidance=guidance)
         prior = decoded.image.detach() if net.detach_prior else decoded.image
-        warped, velocity, displacement = net.deform(prior, velocity)
+        clean_output = None
+        if clean_field:
+            velocity = net.predict_velocity(torch.cat([field_input, clean]), torch.cat([decoded.image] * 2),
+                                            [torch.cat([f, f]) for f in decoded.features])
+            warped, velocity, displacement = net.deform(torch.cat([prior, prior]), velocity)
+            (warped, warped_clean), (velocity, velocity_clean), (displacement, displacement_clean) = (
+                warped.chunk(2), velocity.chunk(2), displacement.chunk(2))
+            clean_output = ModelOutput(decoded.image, warped_clean, velocity_clean, displacement_clean, mu, logvar,
+                                       decoded.log_variance, z)
+        else:
+            velocity = net.predict_velocity(field_input, decoded.image, decoded.features, guidance=guidance)
+            warped, velocity, displacement = net.deform(prior, velocity)
         output = ModelOutput(decoded.image, warped, velocity, displacement, mu, logvar, decoded.log_variance, z)
-        return output, clean_displacement
+        return output, clean_output
 
     def conditioned_forward(self, x: torch.Tensor, brain_mask: torch.Tensor
                             ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
@@ -168,14 +182,14 @@ class AnomalyModule(L.LightningModule):
         """Training forward of ``train.synthetic_anomalies``: x with synthetic anomalies
         (:func:`~anomorph.guidance.masks.synthetic_corruption`; a share 1 − mask_probability of
         the slices left clean) goes to the field; x̂ is computed from the clean x. Returns
-        (output, m, corrupted x, clean displacement), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the
-        corruption changed; the clean slice's displacement (no gradient) only when
-        ``train.field_consistency_weight`` > 0, else None."""
+        (output, m, corrupted x, clean output), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the
+        corruption changed; the clean output (the same network registering x̂ to the clean x, in
+        the graph) only when ``train.field_consistency_weight`` is set, else None."""
         g, t = self.run_config.guidance, self.run_config.train
         corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask, t.synthetic_max_blobs,
                                             tuple(t.synthetic_radius_range), empty_probability=1.0 - g.mask_probability)
-        out, clean_displacement = self._split_forward(x, corrupted, None, clean_field=t.field_consistency_weight > 0)
-        return AwareForward(out, m, corrupted, clean_displacement)
+        out, clean = self._split_forward(x, corrupted, None, clean_field=t.field_consistency_weight is not None)
+        return AwareForward(out, m, corrupted, clean)
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
         batch = self.in_layout(batch)
@@ -184,10 +198,10 @@ class AnomalyModule(L.LightningModule):
             out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
             terms = self.compute_losses(batch.image, out, beta, guidance=m, registration_target=x_head)
         elif self.run_config.train.synthetic_anomalies:
-            out, m, corrupted, clean_displacement = self.anomaly_aware_forward(batch.image, batch.brain_mask)
+            out, m, corrupted, clean = self.anomaly_aware_forward(batch.image, batch.brain_mask)
             held = m if self.run_config.train.synthetic_anomaly_mask else None
             terms = self.compute_losses(batch.image, out, beta, guidance=held, registration_target=corrupted,
-                                        displacement_target=clean_displacement)
+                                        clean_branch=clean)
         else:
             out = self.network(batch.image)
             terms = self.compute_losses(batch.image, out, beta)
