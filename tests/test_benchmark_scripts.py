@@ -1,4 +1,5 @@
-"""The bookkeeping of benchmarks/end_to_end.py and benchmarks/thread_setup.py (no timing asserted)."""
+"""The bookkeeping of benchmarks/end_to_end.py and benchmarks/thread_setup.py (no timing asserted),
+and of the analysis scripts rim_residual.py and field_terms.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,10 +9,11 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+def load(name: str, folder: Path = BENCHMARKS):
+    spec = importlib.util.spec_from_file_location(f"{folder.name}_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -118,14 +120,11 @@ def test_end_to_end_strategies_take_guidance_overrides():
 
 
 def test_rim_residual_bands_match_a_brute_force_distance():
-    import importlib.util
     import math
 
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("rim_residual", Path("scripts/rim_residual.py"))
-    rim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rim)
+    rim = load("rim_residual", SCRIPTS)
     lesion = np.zeros((1, 24, 24), bool)
     lesion[0, 10:13, 10:13] = True
     brain = np.ones((1, 24, 24))
@@ -144,3 +143,28 @@ def test_rim_residual_bands_match_a_brute_force_distance():
     for name, (total, count) in expected.items():
         assert got[name][1] == count and got[name][0] == pytest.approx(total)
     assert got["no lesion on the slice"] == (pytest.approx(float(healthy.sum())), 24 * 24)
+
+
+def test_field_terms_reads_the_last_logged_value_of_each_epoch_and_finds_finished_runs(tmp_path):
+    """Synthetic Lightning CSV rows: the last value per term, one value per epoch (the last
+    logged), missing terms as None; only runs with a ``done`` marker are listed, the val
+    search's first; the figure shows every search run and the selection seed's run of rows
+    that had no search."""
+    terms = load("field_terms", SCRIPTS)
+    rows = [{"epoch": "0", "val/smooth": "0.5", "val/residual": ""},
+            {"epoch": "0", "val/smooth": "0.25", "train/consistency_epoch": ""},
+            {"epoch": "1", "val/smooth": "0.125", "val/residual": "0.07"},
+            {"epoch": "1", "train/consistency_epoch": "1e-4"}]
+    assert terms.last_values(rows) == {"val/smooth": 0.125, "val/residual": 0.07, "val/ncc": None,
+                                       "train/consistency_epoch": 1e-4}
+    assert terms.per_epoch(rows, "val/smooth") == ([0, 1], [0.25, 0.125])
+    for path in ("phantom/selection/tied/w=1", "phantom/selection/tied/w=10", "phantom/tied/seed1",
+                 "phantom/control/seed0", "phantom/control/seed1", "phantom/selection/tied/unfinished"):
+        (tmp_path / path).mkdir(parents=True)
+        if not path.endswith("unfinished"):
+            (tmp_path / path / "done").write_text("finished\n")
+    found = [(row, label) for row, label, _ in terms.runs_of(tmp_path, "phantom", [0, 1, 2])]
+    assert found == [("tied", "val search: w=1"), ("tied", "val search: w=10"), ("control", "seed 0"),
+                     ("control", "seed 1"), ("tied", "seed 1")]
+    assert terms.curves_to_plot(terms.runs_of(tmp_path, "phantom", [0, 1]), 0) == {
+        ("tied", "val search: w=1"), ("tied", "val search: w=10"), ("control", "seed 0")}
