@@ -39,7 +39,8 @@ class AnomalyModule(L.LightningModule):
     [+ after ``warmup_epochs``: ``ncc_weight``·NCC-loss(x, x̃) + β·‖∇v‖² for the deformable AE,
     β ramped linearly from ``beta_start`` to ``beta_end`` over ``beta_ramp_epochs``; with synthetic
     masks m (conditioned head, ``train.synthetic_anomalies``) the NCC is masked by 1 − m, β is
-    weighted by 1 + α·m and a local anchor is added, see :meth:`compute_losses`].
+    weighted by 1 + α·m and a local anchor is added; with ``train.field_consistency_weight`` the
+    clean slice's field is trained too and the two are tied, see :meth:`compute_losses`].
     ``val/loss`` uses the *final* weights (β = ``beta_end``, registration on) at every epoch, so
     epochs are comparable and the best checkpoint is chosen on a fixed objective.
     """
