@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_results import replace  # noqa: E402
+from update_results import publish  # noqa: E402
 
 TERMS = (("val/smooth", "val ‖∇v‖²"), ("val/residual", "val residual"), ("val/ncc", "val NCC loss"),
          ("train/consistency_epoch", "train tie (px²)"))
@@ -126,10 +126,7 @@ def main() -> None:
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=110)
     table = "\n".join(lines) + f"\n\nFigure: `{args.figure}`."
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
-    replace(args.doc, args.marker, table)
-    print(table)
+    publish(table, args.out, args.doc, args.marker)
 
 
 if __name__ == "__main__":

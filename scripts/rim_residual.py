@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_results import replace  # noqa: E402
+from update_results import publish  # noqa: E402
 
 BANDS = (("inside", None, None), ("0–2.5 px", 0.0, 2.5), ("2.5–4.5 px", 2.5, 4.5), ("4.5–8.5 px", 4.5, 8.5),
          ("> 8.5 px", 8.5, float("inf")))
@@ -108,10 +108,7 @@ def main() -> None:
             cells.append(f"{mean:.4f} ({mean / reference[b]:.2f})" if reference[b] > 0 else f"{mean:.4f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
-    replace(args.doc, args.marker, table)
-    print(table)
+    publish(table, args.out, args.doc, args.marker)
 
 
 if __name__ == "__main__":

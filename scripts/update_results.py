@@ -101,6 +101,15 @@ def replace(path: Path, name: str, new_block: str) -> None:
     path.write_text(text[:start] + f"{begin}\n{new_block}\n{end}" + text[stop:])
 
 
+def publish(table: str, out: Path, doc: Path, marker: str) -> None:
+    """Write an analysis script's Markdown ``table`` to ``out`` (its committed copy), into the
+    ``marker`` pair of ``doc``, and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    replace(doc, marker, table)
+    print(table)
+
+
 def copy_figures(results_dir: Path, image_dir: Path, prefix: str = "") -> list[Path]:
     copied = []
     for figure in sorted(list(results_dir.glob("*/figures/guidance_*.png"))
