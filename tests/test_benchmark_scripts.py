@@ -168,3 +168,19 @@ def test_field_terms_reads_the_last_logged_value_of_each_epoch_and_finds_finishe
                      ("control", "seed 1"), ("tied", "seed 1")]
     assert terms.curves_to_plot(terms.runs_of(tmp_path, "phantom", [0, 1]), 0) == {
         ("tied", "val search: w=1"), ("tied", "val search: w=10"), ("control", "seed 0")}
+
+
+def test_field_terms_averages_the_overall_displacement_rows_over_seeds(tmp_path):
+    """Brute force on two synthetic seeds: only ``overall`` rows count, NaN rows (no field) are
+    left out, a method present in one seed is averaged over that seed only."""
+    terms = load("field_terms", SCRIPTS)
+    header = "method,group_kind,group,mean_displacement_lesion,mean_displacement_healthy\n"
+    seed0 = header + ("a,overall,all,0.6,0.4\na,lesion_type,large,9,9\nb,overall,all,0.3,0.3\n"
+                      "oracle,overall,all,nan,nan\n")
+    seed1 = header + "a,overall,all,0.4,0.2\n"
+    for seed, text in ((0, seed0), (1, seed1)):
+        (tmp_path / "phantom" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "phantom" / f"seed{seed}" / "metrics.csv").write_text(text)
+    rows = terms.displacement_rows(tmp_path, "phantom", [0, 1, 2])
+    assert [(m, n) for m, _, _, n in rows] == [("a", 2), ("b", 1)]
+    assert rows[0][1:3] == pytest.approx((0.5, 0.3)) and rows[1][1:3] == pytest.approx((0.3, 0.3))
