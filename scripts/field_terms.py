@@ -21,7 +21,8 @@ and over healthy brain pixels, all test slices) from each seed's ``metrics.csv``
 them over seeds, with their ratio: a field that registers lesions away moves lesion pixels more
 than healthy ones (ratio > 1); one that protects them locally brings the ratio towards 1 without
 moving healthy pixels less. Writes ``--out`` (Markdown), a figure of
-``val/smooth`` and ``val/residual`` per epoch for the selection seed's runs, and the
+``val/smooth`` and ``val/residual`` per epoch (from the end of the warm-up, when the field starts)
+for the selection seed's runs, and the
 ``--marker`` pair of docs/results.md.
 """
 from __future__ import annotations
@@ -142,8 +143,10 @@ def main() -> None:
         cells = ["—" if values[key] is None else f"{values[key]:.3g}" for key, _ in TERMS]
         lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
         if (row, label) in plotted:
+            warmup = load_config(run / "config.yaml").train.warmup_epochs  # no field before: ‖∇v‖² ≈ 0
             for axis, key in zip(axes, ("val/smooth", "val/residual")):
                 epochs, series = per_epoch(rows, key)
+                epochs, series = epochs[warmup:], series[warmup:]
                 axis.plot(epochs, series, label=f"{row} ({label.replace('val search: ', '')})")
     for axis, (key, title) in zip(axes, (("val/smooth", "val ‖∇v‖² (healthy val slices)"),
                                          ("val/residual", "val |x − x̃| (healthy val slices)"))):

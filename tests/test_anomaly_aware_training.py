@@ -39,7 +39,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     module = _module(mask_probability=0.5)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted, clean_displacement = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, clean_branch = module.anomaly_aware_forward(x, brain)
         clean = module.network(x)
         again = module.anomaly_aware_forward(x, brain)
     # x̂ is the clean slice's reconstruction, bit for bit: the prior never sees a synthetic anomaly
@@ -56,7 +56,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     assert not torch.allclose(out.velocity[touched], clean.velocity[touched])
     # the same training step draws the same anomalies (a resumed run repeats them)
     assert torch.equal(again[2], corrupted) and torch.equal(again[1], m)
-    assert clean_displacement is None  # field_consistency_weight null: no clean field computed
+    assert clean_branch is None  # field_consistency_weight null: no clean field computed
 
 
 def test_blob_count_and_radius_settings_bound_the_synthetic_mask():

@@ -153,7 +153,8 @@ class AnomalyModule(L.LightningModule):
         clean_output = None
         if clean_field:
             velocity = net.predict_velocity(torch.cat([field_input, clean]), torch.cat([decoded.image] * 2),
-                                            [torch.cat([f, f]) for f in decoded.features])
+                                            [torch.cat([f, f]) for f in decoded.features],
+                                            guidance=None if guidance is None else torch.cat([guidance] * 2))
             warped, velocity, displacement = net.deform(torch.cat([prior, prior]), velocity)
             (warped, warped_clean), (velocity, velocity_clean), (displacement, displacement_clean) = (
                 warped.chunk(2), velocity.chunk(2), displacement.chunk(2))
