@@ -39,7 +39,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     module = _module(mask_probability=0.5)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted, clean_branch = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, clean_branch, teacher = module.anomaly_aware_forward(x, brain)
         clean = module.network(x)
         again = module.anomaly_aware_forward(x, brain)
     # x̂ is the clean slice's reconstruction, bit for bit: the prior never sees a synthetic anomaly
@@ -56,7 +56,7 @@ def test_the_prior_reads_the_clean_slice_and_the_field_the_corrupted_one():
     assert not torch.allclose(out.velocity[touched], clean.velocity[touched])
     # the same training step draws the same anomalies (a resumed run repeats them)
     assert torch.equal(again[2], corrupted) and torch.equal(again[1], m)
-    assert clean_branch is None  # field_consistency_weight null: no clean field computed
+    assert clean_branch is None and teacher is None  # field_consistency_weight null: no clean field computed
 
 
 def test_blob_count_and_radius_settings_bound_the_synthetic_mask():
@@ -78,7 +78,7 @@ def test_the_registration_loss_ignores_what_the_synthetic_anomaly_contains():
     module = _module(mask_probability=1.0, alpha=20.0, anchor_weight=1.0)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted, _ = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, _, _ = module.anomaly_aware_forward(x, brain)
         poisoned = torch.where(m > 0, torch.rand_like(corrupted), corrupted)
         terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted)
         terms_poisoned = module.compute_losses(x, out, 0.1, guidance=m, registration_target=poisoned)
@@ -120,7 +120,7 @@ def test_field_consistency_ties_the_corrupted_slices_field_to_the_clean_slices_f
     module = _module(("train.field_consistency_weight=10",), mask_probability=0.5, alpha=0.0, anchor_weight=0.0)
     x, brain = _batch()
     with torch.no_grad():
-        out, m, corrupted, clean_branch = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, clean_branch, _ = module.anomaly_aware_forward(x, brain)
         clean = module.network(x)
         alone = _module(mask_probability=0.5, alpha=0.0, anchor_weight=0.0).anomaly_aware_forward(x, brain)
     torch.testing.assert_close(clean_branch.displacement, clean.displacement)
@@ -139,7 +139,7 @@ def test_field_consistency_ties_the_corrupted_slices_field_to_the_clean_slices_f
     # weight 0, the control: both fields trained (the clean branch exists), not tied
     control = _module(("train.field_consistency_weight=0",), mask_probability=0.5, alpha=0.0, anchor_weight=0.0)
     with torch.no_grad():
-        c_out, c_m, c_corrupted, c_clean = control.anomaly_aware_forward(x, brain)
+        c_out, c_m, c_corrupted, c_clean, _ = control.anomaly_aware_forward(x, brain)
         c_terms = control.compute_losses(x, c_out, 0.1, guidance=c_m, registration_target=c_corrupted,
                                          clean_branch=c_clean)
     assert c_clean is not None and float(c_terms["consistency"]) > 0
@@ -152,7 +152,7 @@ def test_field_consistency_ties_the_corrupted_slices_field_to_the_clean_slices_f
     # the tie's gradient reaches both branches: each alone has a non-zero gradient
     module.train()
     for branch in ("corrupted", "clean"):
-        out, m, corrupted, clean_branch = module.anomaly_aware_forward(x, brain)
+        out, m, corrupted, clean_branch, _ = module.anomaly_aware_forward(x, brain)
         tied = (out.displacement, clean_branch.displacement.detach()) if branch == "corrupted" else \
             (out.displacement.detach(), clean_branch.displacement)
         module.zero_grad()
@@ -170,6 +170,71 @@ def test_fit_with_field_consistency_logs_the_term(tiny_phantom, tmp_path):
     assert len(consistency) == 2 and all(c >= 0 for c in consistency)
 
 
+def test_mean_teacher_tie_targets_the_teachers_clean_field_and_trains_only_the_corrupted_field():
+    """``train.consistency_teacher_decay``: the tie's target is the teacher's displacement of the
+    clean slice (brute force: an eval-mode copy of the network), it sends no gradient to the clean
+    branch or the teacher, and each optimiser step moves the teacher by the EMA rule."""
+    import copy
+
+    module = _module(("train.field_consistency_weight=10", "train.consistency_teacher_decay=0.9"),
+                     mask_probability=0.5, alpha=0.0, anchor_weight=0.0)
+    module.consistency_teacher.update_parameters(module.network)  # the first update copies the network
+    reference = copy.deepcopy(module.network).eval()
+    x, brain = _batch()
+    module.train()  # the teacher stays in eval mode: no dropout, running statistics
+    out, m, corrupted, clean_branch, teacher = module.anomaly_aware_forward(x, brain)
+    with torch.no_grad():
+        expected = reference(x).displacement
+    torch.testing.assert_close(teacher, expected)
+    torch.testing.assert_close(module.teacher_displacement(x), expected)
+    assert not teacher.requires_grad and clean_branch is not None
+    terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, clean_branch=clean_branch,
+                                  consistency_target=teacher)
+    per_slice = (out.displacement - expected).pow(2).sum(1).flatten(1).mean(1)
+    assert float(terms["consistency"].detach()) == pytest.approx(float(per_slice.detach().mean()), rel=1e-4)
+    symmetric = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, clean_branch=clean_branch)
+    assert float(terms["consistency"].detach()) != pytest.approx(float(symmetric["consistency"].detach()), rel=1e-3)
+    into_clean, into_corrupted = torch.autograd.grad(terms["consistency"], [clean_branch.displacement, out.displacement],
+                                                     allow_unused=True, retain_graph=True)
+    assert into_clean is None and float(into_corrupted.abs().sum()) > 0
+    assert all(not p.requires_grad for p in module.consistency_teacher.parameters())
+    # one optimiser step, then the EMA step: teacher = 0.9 teacher + 0.1 network, weights and buffers
+    before = {k: v.clone() for k, v in module.consistency_teacher.module.state_dict().items()}
+    optimiser = module.configure_optimizers()
+    optimiser.zero_grad()
+    terms["loss"].backward()
+    optimiser.step()
+    module.on_train_batch_end(None, None, 0)
+    after, network = module.consistency_teacher.module.state_dict(), module.network.state_dict()
+    moved = 0
+    for key, old in before.items():
+        if old.is_floating_point():
+            torch.testing.assert_close(after[key], 0.9 * old + 0.1 * network[key], rtol=1e-5, atol=1e-7)
+            moved += int(not torch.equal(after[key], old))
+    assert moved > 0
+
+
+def test_fit_with_a_mean_teacher_checkpoints_the_teacher_and_loads_the_network(tiny_phantom, tmp_path):
+    from anomorph.training import fit, load_run, read_training_log
+
+    config = tiny_run_config(tiny_phantom, max_epochs=2, warmup_epochs=0, synthetic_anomalies=True,
+                             field_consistency_weight=10.0, consistency_teacher_decay=0.5)
+    run = fit(config, run_dir=tmp_path / "run")
+    consistency = [float(r["train/consistency_epoch"]) for r in read_training_log(run)
+                   if r.get("train/consistency_epoch")]
+    assert len(consistency) == 2 and all(c >= 0 for c in consistency)
+    network, loaded = load_run(run)  # the network's weights only; the teacher is not what predict runs
+    assert loaded.train.consistency_teacher_decay == 0.5
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    teacher_keys = [k for k in state if k.startswith("consistency_teacher.module.")]
+    assert teacher_keys and int(state["consistency_teacher.n_averaged"]) > 1
+    # the teacher lags the network: an average of its past weights, not a copy
+    name = "velocity_head.velocity.weight"
+    assert not torch.equal(state[f"consistency_teacher.module.{name}"], state[f"network.{name}"])
+    torch.testing.assert_close(network.state_dict()[name], state[f"network.{name}"])
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["model.name=morphaeus", "train.field_consistency_weight=0"], "train.field_consistency_weight"),
     (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=-1"],
@@ -183,6 +248,14 @@ def test_fit_with_field_consistency_logs_the_term(tiny_phantom, tmp_path):
     (["model.name=morphaeus", "guidance.mask_probability=1.5"], "guidance.mask_probability"),
     (["model.name=morphaeus", "guidance.alpha=-1"], "guidance.alpha"),
     (["model.name=morphaeus", "train.synthetic_radius_range=[0.2,0.1]"], "train.synthetic_radius_range"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.consistency_teacher_decay=0.9"],
+     "train.consistency_teacher_decay"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=1",
+      "train.consistency_teacher_decay=1.0"], "train.consistency_teacher_decay"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=1",
+      "train.consistency_teacher_decay=-0.1"], "train.consistency_teacher_decay"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=1",
+      "train.consistency_teacher_decay=.nan"], "train.consistency_teacher_decay"),
     (["model.name=morphaeus", "train.synthetic_max_blobs=0"], "train.synthetic_max_blobs"),
 ])
 def test_invalid_synthetic_anomaly_settings_name_the_key(overrides, key):

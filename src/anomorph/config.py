@@ -92,6 +92,17 @@ class TrainConfig:
         everywhere else (no stiffening of healthy tissue, which a hold β(1 + α·m) and the anchor
         do not give). w = 0 is the control: both fields trained, not tied. Use with
         ``guidance.alpha: 0`` and ``guidance.anchor_weight: 0`` (configs/morphaeus_consistent.yaml).
+    consistency_teacher_decay: with ``field_consistency_weight``, the target of the tie (null =
+        the network's own clean field, gradient into both). A decay δ ∈ [0, 1): the target is the
+        clean slice's field given by a *mean teacher*, an exponential moving average of the
+        network's weights and buffers (after every optimiser step, teacher ← δ·teacher +
+        (1 − δ)·network; ``torch.optim.swa_utils.AveragedModel``), run in eval mode without
+        gradient; the tie then trains only the corrupted slice's field. The symmetric tie is
+        cheapest to satisfy by shrinking both fields, and a target without gradient taken from
+        the network itself moves with every update; the teacher is neither trained by the tie nor
+        moved by one step (time constant 1 / (1 − δ) steps). The clean branch is still trained
+        with the plain NCC, so weight 0 is the same control as without a teacher.
+        (configs/morphaeus_teacher.yaml.)
     synthetic_anomaly_mask: with ``synthetic_anomalies``, whether the registration loss uses m
         (default). False is the control that isolates the mask: the same corrupted slices, the
         field registering x̂ to them with the plain NCC and uniform β (it is then rewarded for
@@ -127,6 +138,7 @@ class TrainConfig:
     synthetic_radius_range: list[float] = field(default_factory=lambda: [0.03, 0.15])
     synthetic_anomaly_mask: bool = True
     field_consistency_weight: float | None = None
+    consistency_teacher_decay: float | None = None
 
 
 @dataclass
@@ -299,6 +311,9 @@ def _check_ranges(config: RunConfig) -> None:
          t.limit_train_batches, "must be > 0 (a fraction <= 1.0 or a number of batches)")
     need(t.field_consistency_weight is None or (finite(t.field_consistency_weight) and t.field_consistency_weight >= 0),
          "train.field_consistency_weight", t.field_consistency_weight, "must be null (off) or a finite number >= 0")
+    need(t.consistency_teacher_decay is None or (finite(t.consistency_teacher_decay)
+                                                 and 0 <= t.consistency_teacher_decay < 1),
+         "train.consistency_teacher_decay", t.consistency_teacher_decay, "must be null (off) or a number in [0, 1)")
     need(t.synthetic_max_blobs >= 1, "train.synthetic_max_blobs", t.synthetic_max_blobs, "must be >= 1")
     need(len(t.synthetic_radius_range) == 2 and all(finite(r) for r in t.synthetic_radius_range)
          and 0 < t.synthetic_radius_range[0] <= t.synthetic_radius_range[1] < 0.5, "train.synthetic_radius_range",
@@ -350,6 +365,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError("train.field_consistency_weight: only applies with train.synthetic_anomalies: true "
                           f"(it compares the fields of a slice with and without them), got "
                           f"{config.train.field_consistency_weight!r}")
+    if config.train.consistency_teacher_decay is not None and config.train.field_consistency_weight is None:
+        raise ConfigError("train.consistency_teacher_decay: only applies with train.field_consistency_weight set "
+                          f"(it is the target of that tie), got {config.train.consistency_teacher_decay!r}")
     if config.train.synthetic_anomalies and config.guidance.strategy == "conditioned":
         raise ConfigError("train.synthetic_anomalies: not with guidance.strategy 'conditioned', which trains "
                           "its own synthetic masks as the head's input; use one or the other")

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import RunConfig, config_from_dict
 from ..data.types import SliceBatch
@@ -26,6 +27,7 @@ class AwareForward(NamedTuple):
     mask: torch.Tensor
     corrupted: torch.Tensor
     clean: ModelOutput | None
+    teacher_displacement: torch.Tensor | None = None
 
 
 def is_deformable(config: RunConfig) -> bool:
@@ -40,7 +42,8 @@ class AnomalyModule(L.LightningModule):
     β ramped linearly from ``beta_start`` to ``beta_end`` over ``beta_ramp_epochs``; with synthetic
     masks m (conditioned head, ``train.synthetic_anomalies``) the NCC is masked by 1 − m, β is
     weighted by 1 + α·m and a local anchor is added; with ``train.field_consistency_weight`` the
-    clean slice's field is trained too and the two are tied, see :meth:`compute_losses`].
+    clean slice's field is trained too and the corrupted slice's field is tied to it, or with
+    ``train.consistency_teacher_decay`` to a mean teacher's clean field, see :meth:`compute_losses`].
     ``val/loss`` uses the *final* weights (β = ``beta_end``, registration on) at every epoch, so
     epochs are comparable and the best checkpoint is chosen on a fixed objective.
     """
@@ -50,6 +53,12 @@ class AnomalyModule(L.LightningModule):
         self.save_hyperparameters({"config": config})
         self.run_config = config_from_dict(config)
         self.network = build_network(network_options(self.run_config))
+        decay = self.run_config.train.consistency_teacher_decay
+        # the mean teacher of field-consistency training: an EMA of the network's weights and
+        # buffers, never trained; its state is in the checkpoint (a resumed run continues it) but
+        # not in what load_run reads (the "network." keys)
+        self.consistency_teacher = None if decay is None else AveragedModel(
+            self.network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).requires_grad_(False)
         self.figure_dir: Path | None = None
         # (epoch, images, output) of the latest validation's first batch, and the last epoch drawn
         self._figure_sample: tuple[int, torch.Tensor, ModelOutput] | None = None
@@ -65,7 +74,8 @@ class AnomalyModule(L.LightningModule):
     def compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
                        guidance: torch.Tensor | None = None,
                        registration_target: torch.Tensor | None = None,
-                       clean_branch: ModelOutput | None = None) -> dict[str, torch.Tensor]:
+                       clean_branch: ModelOutput | None = None,
+                       consistency_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms and their total (``loss``). ``guidance`` m ``(B, 1, H, W)`` switches on the
         spatially weighted prior (conditioned-head training); ``registration_target`` is the image
         x̃ is registered to (default ``x``; the head's input with pasted fake anomalies);
@@ -73,7 +83,9 @@ class AnomalyModule(L.LightningModule):
         x; its NCC to x and smoothness are averaged with those of ``out`` (so the registration
         terms keep the weight they have for a single field), and
         ``train.field_consistency_weight``·mean over pixels of ‖d − d_clean‖² (pixels²) ties the
-        two fields, with gradient into both.
+        two fields, with gradient into both. ``consistency_target`` (mean-teacher tie, needs
+        ``clean_branch``): the displacement ``(B, D, H, W)`` in pixels the corrupted field is tied
+        to instead of the clean branch's, without gradient.
 
         Always computed in float32, outside any autocast region: under ``train.precision:
         bf16-mixed`` the network's outputs arrive in bfloat16, whose 8-bit mantissa cannot hold
@@ -82,11 +94,13 @@ class AnomalyModule(L.LightningModule):
             return self._compute_losses(x.float(), out.float(), beta,
                                         None if guidance is None else guidance.float(),
                                         None if registration_target is None else registration_target.float(),
-                                        None if clean_branch is None else clean_branch.float())
+                                        None if clean_branch is None else clean_branch.float(),
+                                        None if consistency_target is None else consistency_target.float())
 
     def _compute_losses(self, x: torch.Tensor, out: ModelOutput, beta: float | None,
                         guidance: torch.Tensor | None, registration_target: torch.Tensor | None,
-                        clean_branch: ModelOutput | None) -> dict[str, torch.Tensor]:
+                        clean_branch: ModelOutput | None,
+                        consistency_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
         t = self.run_config.train
         g = self.run_config.guidance
         target = x if registration_target is None else registration_target
@@ -110,7 +124,8 @@ class AnomalyModule(L.LightningModule):
             if clean_branch is not None:
                 terms["ncc_clean"] = losses.local_ncc_loss(clean_branch.warped, x, kernel_size=t.ncc_window)
                 terms["smooth_clean"] = losses.velocity_smoothness(clean_branch.velocity)
-                terms["consistency"] = losses.displacement_consistency(out.displacement, clean_branch.displacement)
+                tied_to = clean_branch.displacement if consistency_target is None else consistency_target.detach()
+                terms["consistency"] = losses.displacement_consistency(out.displacement, tied_to)
                 ncc, smooth = (ncc + terms["ncc_clean"]) / 2, (smooth + terms["smooth_clean"]) / 2
                 total = total + t.field_consistency_weight * terms["consistency"]
             total = total + t.ncc_weight * ncc + beta * smooth
@@ -186,12 +201,29 @@ class AnomalyModule(L.LightningModule):
         the slices left clean) goes to the field; x̂ is computed from the clean x. Returns
         (output, m, corrupted x, clean output), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the
         corruption changed; the clean output (the same network registering x̂ to the clean x, in
-        the graph) only when ``train.field_consistency_weight`` is set, else None."""
+        the graph) only when ``train.field_consistency_weight`` is set, else None; with
+        ``train.consistency_teacher_decay`` also the mean teacher's displacement of the clean x
+        (eval mode, no gradient), else None."""
         g, t = self.run_config.guidance, self.run_config.train
         corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask, t.synthetic_max_blobs,
                                             tuple(t.synthetic_radius_range), empty_probability=1.0 - g.mask_probability)
         out, clean = self._split_forward(x, corrupted, None, clean_field=t.field_consistency_weight is not None)
-        return AwareForward(out, m, corrupted, clean)
+        return AwareForward(out, m, corrupted, clean, self.teacher_displacement(x))
+
+    def teacher_displacement(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mean teacher's displacement ``(B, D, H, W)`` (pixels) of ``x``: its own prior and
+        field, in eval mode (no dropout, running batch-norm statistics), without gradient; None
+        without a teacher."""
+        if self.consistency_teacher is None:
+            return None
+        teacher = self.consistency_teacher.module.eval()  # Lightning's train() reaches it too
+        with torch.no_grad():
+            return teacher(x).displacement
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Move the mean teacher one EMA step towards the network (after the optimiser's step)."""
+        if self.consistency_teacher is not None:
+            self.consistency_teacher.update_parameters(self.network)
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
         batch = self.in_layout(batch)
@@ -200,10 +232,10 @@ class AnomalyModule(L.LightningModule):
             out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
             terms = self.compute_losses(batch.image, out, beta, guidance=m, registration_target=x_head)
         elif self.run_config.train.synthetic_anomalies:
-            out, m, corrupted, clean = self.anomaly_aware_forward(batch.image, batch.brain_mask)
+            out, m, corrupted, clean, teacher = self.anomaly_aware_forward(batch.image, batch.brain_mask)
             held = m if self.run_config.train.synthetic_anomaly_mask else None
             terms = self.compute_losses(batch.image, out, beta, guidance=held, registration_target=corrupted,
-                                        clean_branch=clean)
+                                        clean_branch=clean, consistency_target=teacher)
         else:
             out = self.network(batch.image)
             terms = self.compute_losses(batch.image, out, beta)
@@ -302,6 +334,8 @@ class AnomalyModule(L.LightningModule):
         """Store the network's parameters in :meth:`memory_format` (``device``); returns it."""
         layout = self.memory_format(device)
         self.network.to(memory_format=layout)
+        if self.consistency_teacher is not None:
+            self.consistency_teacher.to(memory_format=layout)
         return layout
 
     def on_fit_start(self) -> None:
