@@ -235,6 +235,51 @@ def test_fit_with_a_mean_teacher_checkpoints_the_teacher_and_loads_the_network(t
     torch.testing.assert_close(network.state_dict()[name], state[f"network.{name}"])
 
 
+def test_a_frozen_teacher_run_gives_the_target_and_never_moves(tiny_phantom, tiny_calibrated_run, tmp_path):
+    """``train.consistency_teacher_run``: the target is the trained run's displacement of the
+    clean slice (brute force: ``load_run``'s network), no optimiser step moves the teacher, and a
+    run trained with it loads as a plain network."""
+    from anomorph.training import fit, load_run
+
+    teacher_network, _ = load_run(tiny_calibrated_run)
+    config = tiny_run_config(tiny_phantom, max_epochs=1, warmup_epochs=0, synthetic_anomalies=True,
+                             field_consistency_weight=10.0, consistency_teacher_run=str(tiny_calibrated_run))
+    module = AnomalyModule(dataclasses.asdict(config)).train()
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    brain = torch.ones_like(x)
+    with torch.no_grad():
+        expected = teacher_network(x).displacement
+    out, m, corrupted, clean_branch, teacher = module.anomaly_aware_forward(x, brain)
+    torch.testing.assert_close(teacher, expected)
+    before = {k: v.clone() for k, v in module.consistency_teacher.state_dict().items()}
+    terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, clean_branch=clean_branch,
+                                  consistency_target=teacher)
+    optimiser = module.configure_optimizers()
+    optimiser.zero_grad()
+    terms["loss"].backward()
+    optimiser.step()
+    module.on_train_batch_end(None, None, 0)
+    assert all(torch.equal(v, before[k]) for k, v in module.consistency_teacher.state_dict().items())
+    assert all(p.grad is None for p in module.consistency_teacher.parameters())
+    run = fit(config, run_dir=tmp_path / "student")
+    network, loaded = load_run(run)
+    assert loaded.train.consistency_teacher_run == str(tiny_calibrated_run)
+    assert sum(p.numel() for p in network.parameters()) == sum(p.numel() for p in teacher_network.parameters())
+
+
+def test_a_teacher_run_that_cannot_be_the_teacher_is_a_config_error_naming_the_key(tiny_phantom, tmp_path):
+    from anomorph.training import fit
+
+    for teacher in (tmp_path / "nowhere", None):
+        if teacher is None:  # an AE run: no field to be tied to
+            teacher = fit(tiny_run_config(tiny_phantom, model="ae", max_epochs=1), run_dir=tmp_path / "ae")
+        config = tiny_run_config(tiny_phantom, max_epochs=1, synthetic_anomalies=True, field_consistency_weight=1.0,
+                                 consistency_teacher_run=str(teacher))
+        with pytest.raises(ConfigError, match=r"train\.consistency_teacher_run"):
+            fit(config, run_dir=tmp_path / "student")
+        assert not (tmp_path / "student").exists()  # nothing written
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["model.name=morphaeus", "train.field_consistency_weight=0"], "train.field_consistency_weight"),
     (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=-1"],
@@ -256,6 +301,10 @@ def test_fit_with_a_mean_teacher_checkpoints_the_teacher_and_loads_the_network(t
       "train.consistency_teacher_decay=-0.1"], "train.consistency_teacher_decay"),
     (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=1",
       "train.consistency_teacher_decay=.nan"], "train.consistency_teacher_decay"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.consistency_teacher_run=runs/x"],
+     "train.consistency_teacher_run"),
+    (["model.name=morphaeus", "train.synthetic_anomalies=true", "train.field_consistency_weight=1",
+      "train.consistency_teacher_decay=0.9", "train.consistency_teacher_run=runs/x"], "train.consistency_teacher_run"),
     (["model.name=morphaeus", "train.synthetic_max_blobs=0"], "train.synthetic_max_blobs"),
 ])
 def test_invalid_synthetic_anomaly_settings_name_the_key(overrides, key):

@@ -496,3 +496,55 @@ def test_guided_targets_takes_the_row_that_met_min_lpr_on_val_before_the_best_au
     chosen["meets_min_lpr"] = {"gating": True, "cost_masking": False, "tto": False}
     (selection / "chosen.json").write_text(json.dumps(chosen))
     assert targets.best_real_u_row(selection) == ("gating", 0.43)
+
+
+def test_a_teacher_row_is_trained_with_the_run_of_its_teacher_for_the_same_seed_and_data(tmp_path):
+    """``teacher: morphaeus``: the val search's run and every seed's run get the unguided run of
+    the same seed (and dataset) as their frozen teacher; config errors name the row."""
+    import yaml
+
+    phantom = {"size": 32, "n_slices": 4, "n_train": 4, "n_val_healthy": 2, "n_val_lesion": 2, "n_test": 2,
+               "n_test_healthy": 1}
+    distilled = ["train.synthetic_anomalies=true", "guidance.alpha=0.0", "guidance.anchor_weight=0.0"]
+    config = BenchmarkConfig(
+        name="tiny", output_dir=str(tmp_path / "bench"), seeds=[0, 1], report_seeds=[], calibration_fraction=0.5,
+        datasets=[DatasetSpec("tiny", str(tmp_path / "data" / "seed{seed}" / "manifest.csv"), phantom)],
+        methods=[MethodSpec("morphaeus", "train", config="configs/morphaeus.yaml"),
+                 MethodSpec("distilled", "train", config="configs/morphaeus.yaml", overrides=distilled,
+                            teacher="morphaeus")],
+        overrides=TINY,
+        selection={"seed": 0, "criterion": "pixel_auprc", "train_grid": {
+            "morphaeus": {"train.beta_end": [0.1]}, "distilled": {"train.field_consistency_weight": [1.0, 10.0]}}})
+    run_benchmark(config)
+    root = tmp_path / "bench" / "tiny"
+
+    def teacher_of(run: Path) -> str:
+        return yaml.safe_load((run / "config.yaml").read_text())["train"]["consistency_teacher_run"]
+
+    search_teacher = root / "selection" / "morphaeus" / "beta_end=0.1"
+    assert {teacher_of(root / "selection" / "distilled" / w) for w in
+            ("field_consistency_weight=1.0", "field_consistency_weight=10.0")} == {str(search_teacher)}
+    assert teacher_of(root / "distilled" / "seed1") == str(root / "morphaeus" / "seed1")
+    assert yaml.safe_load((root / "morphaeus" / "seed1" / "config.yaml").read_text())["train"].get(
+        "consistency_teacher_run") is None
+    seed1 = json.loads((root / "seed1" / "metrics.json").read_text())
+    assert set(seed1["methods"]) >= {"morphaeus", "distilled"}
+
+    # a teacher with two training values in the search cannot be one run
+    config.selection["train_grid"]["morphaeus"]["train.beta_end"] = [0.1, 1.0]
+    (root / "selection" / "chosen.json").unlink()
+    with pytest.raises(ConfigError, match=r"selection\.train_grid\.morphaeus: the teacher of 'distilled'"):
+        run_benchmark(config)
+
+
+@pytest.mark.parametrize("methods", [
+    "  - {name: s, kind: train, config: configs/morphaeus.yaml, teacher: t}\n"
+    "  - {name: t, kind: train, config: configs/morphaeus.yaml}\n",
+    "  - {name: t, kind: train, config: configs/morphaeus.yaml}\n"
+    "  - {name: s, kind: guided, run: t, strategy: gating, teacher: t}\n",
+])
+def test_a_teacher_must_be_an_earlier_trained_row(tmp_path, methods):
+    path = tmp_path / "b.yaml"
+    path.write_text("name: b\noutput_dir: out\ndatasets:\n  - {name: d, manifest: m.csv}\nmethods:\n" + methods)
+    with pytest.raises(ConfigError, match="teacher 't' must name a kind 'train' method listed before it"):
+        load_benchmark_config(path)

@@ -103,6 +103,13 @@ class TrainConfig:
         moved by one step (time constant 1 / (1 − δ) steps). The clean branch is still trained
         with the plain NCC, so weight 0 is the same control as without a teacher.
         (configs/morphaeus_teacher.yaml.)
+    consistency_teacher_run: with ``field_consistency_weight``, the other target of the tie: the
+        directory of a trained deformable run (same ``data.size``) whose network, frozen, gives the
+        clean slice's field (eval mode, no gradient, never updated). A converged healthy
+        registration as the target from the first step: no lag behind the network and nothing
+        the tie can shrink. Not with ``consistency_teacher_decay``. A run trained with it needs the
+        teacher run to resume (the teacher's weights are also in its checkpoints); ``load_run``,
+        ``predict`` and ``evaluate`` use the network only. (configs/morphaeus_distilled.yaml.)
     synthetic_anomaly_mask: with ``synthetic_anomalies``, whether the registration loss uses m
         (default). False is the control that isolates the mask: the same corrupted slices, the
         field registering x̂ to them with the plain NCC and uniform β (it is then rewarded for
@@ -139,6 +146,7 @@ class TrainConfig:
     synthetic_anomaly_mask: bool = True
     field_consistency_weight: float | None = None
     consistency_teacher_decay: float | None = None
+    consistency_teacher_run: str | None = None
 
 
 @dataclass
@@ -368,6 +376,13 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if config.train.consistency_teacher_decay is not None and config.train.field_consistency_weight is None:
         raise ConfigError("train.consistency_teacher_decay: only applies with train.field_consistency_weight set "
                           f"(it is the target of that tie), got {config.train.consistency_teacher_decay!r}")
+    if config.train.consistency_teacher_run is not None:
+        if config.train.field_consistency_weight is None:
+            raise ConfigError("train.consistency_teacher_run: only applies with train.field_consistency_weight set "
+                              f"(it is the target of that tie), got {config.train.consistency_teacher_run!r}")
+        if config.train.consistency_teacher_decay is not None:
+            raise ConfigError("train.consistency_teacher_run: not with train.consistency_teacher_decay (a frozen "
+                              "teacher or a mean teacher, not both); set one of them to null")
     if config.train.synthetic_anomalies and config.guidance.strategy == "conditioned":
         raise ConfigError("train.synthetic_anomalies: not with guidance.strategy 'conditioned', which trains "
                           "its own synthetic masks as the head's input; use one or the other")

@@ -72,6 +72,9 @@ class MethodSpec:
     :func:`chosen_values`: the estimator is copied only to a strategy that uses a mask, and the
     row's own ``guidance`` keys win) — e.g. the ``tto`` control run with exactly the optimiser
     settings cost masking chose, or cost masking with its chosen values and fewer ``map_steps``.
+    ``teacher`` (kind "train"): an earlier trained method whose run of the same seed (and
+    dataset) is this run's frozen field-consistency teacher (``train.consistency_teacher_run``);
+    in the val search the teacher must have a single training value.
     """
 
     name: str
@@ -85,6 +88,7 @@ class MethodSpec:
     guidance: dict[str, Any] = field(default_factory=dict)
     mode: str = "deviation"
     guidance_from: str | None = None
+    teacher: str | None = None
 
 
 @dataclass
@@ -126,7 +130,7 @@ def dataset_methods(config: "BenchmarkConfig", dataset: DatasetSpec) -> list[Met
     if dataset.methods is None:
         return list(config.methods)
     wanted = set(dataset.methods)
-    wanted |= {m.run for m in config.methods if m.name in wanted and m.run}
+    wanted |= {base for m in config.methods if m.name in wanted for base in (m.run, m.teacher) if base}
     return [m for m in config.methods if m.name in wanted]
 
 
@@ -143,7 +147,7 @@ def method_uses_head(config: "BenchmarkConfig", method: MethodSpec) -> bool:
 #: MethodSpec fields left out of a row's fingerprint while at their default (None), so that
 #: adding such a field to the spec keeps the fingerprints — and the cached results — of every
 #: row that does not use it.
-OPTIONAL_FIELDS = ("guidance_from",)
+OPTIONAL_FIELDS = ("guidance_from", "teacher")
 
 
 def method_setup(config: "BenchmarkConfig", method: MethodSpec, chosen: dict[str, Any] | None = None) -> str:
@@ -204,6 +208,7 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
         if unknown:
             raise ConfigError(f"{path}: dataset {d.name!r}: unknown method(s) {unknown}")
         earlier.append(d.name)
+    earlier_trained: list[str] = []
     for m in config.methods:
         if m.kind not in KINDS:
             raise ConfigError(f"{path}: method {m.name!r}: kind {m.kind!r} is not one of {KINDS}")
@@ -215,6 +220,11 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | None = None) 
             raise ConfigError(f"{path}: method {m.name!r}: guidance_from {m.guidance_from!r} is not a method of this benchmark")
         if m.kind == "guided" and m.run and m.run not in names:
             raise ConfigError(f"{path}: method {m.name!r}: run {m.run!r} is not a method of this benchmark")
+        if m.teacher is not None and (m.kind != "train" or m.teacher not in earlier_trained):
+            raise ConfigError(f"{path}: method {m.name!r}: teacher {m.teacher!r} must name a kind 'train' method "
+                              f"listed before it (and the method itself must be kind 'train')")
+        if m.kind == "train":
+            earlier_trained.append(m.name)
         unknown = set(m.guidance) - {f.name for f in dataclasses.fields(GuidanceConfig)}
         if unknown:
             raise ConfigError(f"{path}: method {m.name!r}: unknown guidance key(s) {sorted(unknown)}")
@@ -325,6 +335,16 @@ def chosen_reference(config: BenchmarkConfig, chosen: dict[str, Any]) -> tuple[P
     method = next(m for m in config.methods if m.name == config.reference)
     return manifest, method, (method_overrides(config, method, manifest, chosen["seed"])
                               + list(chosen["train"].get(config.reference, [])))
+
+
+def teacher_overrides(method: MethodSpec, teacher_run: Path | None) -> list[str]:
+    """The override that makes ``teacher_run`` (the run of ``method.teacher`` for the same seed and
+    data) the frozen field-consistency teacher of ``method``'s run; [] without a teacher."""
+    if method.teacher is None:
+        return []
+    if teacher_run is None:
+        raise ConfigError(f"method {method.name!r}: its teacher {method.teacher!r} has no run for this seed")
+    return [f"train.consistency_teacher_run={teacher_run}"]
 
 
 def method_overrides(config: BenchmarkConfig, method: MethodSpec, manifest: Path, seed: int) -> list[str]:
@@ -535,8 +555,9 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
             methods = {m.name: m for m in config.methods}
             for name, (run_dir, extra) in seed_runs(config, dataset, seed, chosen).items():
                 method = methods[name]
+                teacher = teacher_overrides(method, runs.get(method.teacher)) if method.teacher else []
                 runs[name] = timed(f"train {name}", train_method, method.config,
-                                   method_overrides(config, method, manifest, seed) + extra, run_dir)
+                                   method_overrides(config, method, manifest, seed) + teacher + extra, run_dir)
                 timed("train heads", ensure_head, config, name, runs[name])
             timed("evaluate", evaluate_seed, config, dataset, manifest, seed, runs, chosen)
         if dataset.frozen_from is None and config.report_seeds and (Path(config.output_dir) / dataset.name / f"seed{config.report_seeds[0]}"

@@ -115,7 +115,8 @@ def run_selection(config, dataset) -> dict[str, Any]:
     from ..evaluation.inference import ModelScorer
     from ..training import load_run
     from ..training.datamodule import slice_config
-    from .runner import _log, ensure_dataset, ensure_head, guided_scorers, method_overrides, method_setup, train_method
+    from .runner import (_log, ensure_dataset, ensure_head, guided_scorers, method_overrides, method_setup,
+                         teacher_overrides, train_method)
 
     spec = SelectionSpec(**config.selection)
     out = Path(config.output_dir) / dataset.name / "selection"
@@ -136,11 +137,19 @@ def run_selection(config, dataset) -> dict[str, Any]:
     def train_all(name: str) -> list[tuple[dict[str, Any], Path]]:
         if name not in trained:
             method = methods[name]
+            teacher: list[str] = []
+            if method.teacher:
+                teacher_runs = train_all(method.teacher)
+                if len(teacher_runs) != 1:
+                    raise ConfigError(f"selection.train_grid.{method.teacher}: the teacher of {name!r} must have a "
+                                      f"single training value in the val search, got {len(teacher_runs)}")
+                teacher = teacher_overrides(method, teacher_runs[0][1])
             runs = []
             for values in combinations(spec.train_grid.get(name, {})):
                 overrides = [f"{k}={v}" for k, v in values.items()]
                 run_dir = out / name / _label(values)
-                train_method(method.config, method_overrides(config, method, manifest, spec.seed) + overrides, run_dir)
+                train_method(method.config, method_overrides(config, method, manifest, spec.seed) + teacher + overrides,
+                             run_dir)
                 runs.append((values, run_dir))
             trained[name] = runs
         return trained[name]

@@ -12,12 +12,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import RunConfig, config_from_dict
 from ..data.types import SliceBatch
-from ..errors import NonFiniteLossError
+from ..errors import AnomorphError, ConfigError, NonFiniteLossError
 from ..guidance.masks import paste_intensity, synthetic_anomaly_masks, synthetic_corruption
 from ..guidance.priors import log_jacobian_anchor
 from ..networks import ModelOutput, build_network
 from .. import losses
-from ..runs import network_options  # noqa: F401  (re-exported)
+from ..runs import load_run, network_options  # noqa: F401  (network_options re-exported)
 
 
 class AwareForward(NamedTuple):
@@ -53,17 +53,36 @@ class AnomalyModule(L.LightningModule):
         self.save_hyperparameters({"config": config})
         self.run_config = config_from_dict(config)
         self.network = build_network(network_options(self.run_config))
-        decay = self.run_config.train.consistency_teacher_decay
-        # the mean teacher of field-consistency training: an EMA of the network's weights and
-        # buffers, never trained; its state is in the checkpoint (a resumed run continues it) but
-        # not in what load_run reads (the "network." keys)
-        self.consistency_teacher = None if decay is None else AveragedModel(
-            self.network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).requires_grad_(False)
+        self.consistency_teacher = self._build_teacher()
         self.figure_dir: Path | None = None
         # (epoch, images, output) of the latest validation's first batch, and the last epoch drawn
         self._figure_sample: tuple[int, torch.Tensor, ModelOutput] | None = None
         self._figure_written: int | None = None
         self._layout = torch.contiguous_format  # set by on_fit_start (memory_format)
+
+    def _build_teacher(self) -> torch.nn.Module | None:
+        """The teacher of field-consistency training, never trained by the loss: a mean teacher
+        (``train.consistency_teacher_decay``: an EMA of the network's weights and buffers) or a
+        frozen trained run (``train.consistency_teacher_run``); None without either. Its state
+        is in the checkpoint (a resumed run continues the average) but not in what ``load_run``
+        reads (the "network." keys)."""
+        t = self.run_config.train
+        if t.consistency_teacher_decay is not None:
+            return AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(t.consistency_teacher_decay),
+                                 use_buffers=True).requires_grad_(False)
+        if t.consistency_teacher_run is None:
+            return None
+        try:
+            teacher, teacher_config = load_run(t.consistency_teacher_run)
+        except AnomorphError as err:
+            raise ConfigError(f"train.consistency_teacher_run: {err}") from None
+        if teacher_config.model.name != "morphaeus" or teacher_config.data.size != self.run_config.data.size:
+            raise ConfigError(f"train.consistency_teacher_run: {t.consistency_teacher_run} is a "
+                              f"{teacher_config.model.name!r} run at data.size {teacher_config.data.size}; the "
+                              f"teacher must be a deformable (morphaeus) run at data.size {self.run_config.data.size}")
+        # its mode is set at each use (eval, in teacher_displacement); train() here only keeps
+        # Lightning's start-of-fit check from warning about modules left in eval mode
+        return teacher.requires_grad_(False).train()
 
     # ------------------------------------------------------------------ loss
     def registration_weight(self, epoch: int) -> float | None:
@@ -202,7 +221,7 @@ class AnomalyModule(L.LightningModule):
         (output, m, corrupted x, clean output), m ``(B, 1, H, W)`` ∈ {0, 1} the pixels the
         corruption changed; the clean output (the same network registering x̂ to the clean x, in
         the graph) only when ``train.field_consistency_weight`` is set, else None; with
-        ``train.consistency_teacher_decay`` also the mean teacher's displacement of the clean x
+        a teacher (``train.consistency_teacher_decay`` or ``_run``) also its displacement of the clean x
         (eval mode, no gradient), else None."""
         g, t = self.run_config.guidance, self.run_config.train
         corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask, t.synthetic_max_blobs,
@@ -211,18 +230,20 @@ class AnomalyModule(L.LightningModule):
         return AwareForward(out, m, corrupted, clean, self.teacher_displacement(x))
 
     def teacher_displacement(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The mean teacher's displacement ``(B, D, H, W)`` (pixels) of ``x``: its own prior and
-        field, in eval mode (no dropout, running batch-norm statistics), without gradient; None
-        without a teacher."""
+        """The teacher's displacement ``(B, D, H, W)`` (pixels) of ``x``: its own prior and field,
+        in eval mode (no dropout, running batch-norm statistics), without gradient; None without
+        a teacher."""
         if self.consistency_teacher is None:
             return None
-        teacher = self.consistency_teacher.module.eval()  # Lightning's train() reaches it too
+        teacher = self.consistency_teacher
+        teacher = (teacher.module if isinstance(teacher, AveragedModel) else teacher).eval()  # train() reaches it
         with torch.no_grad():
             return teacher(x).displacement
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Move the mean teacher one EMA step towards the network (after the optimiser's step)."""
-        if self.consistency_teacher is not None:
+        """Move a mean teacher one EMA step towards the network (after the optimiser's step); a
+        frozen teacher stays as it is."""
+        if isinstance(self.consistency_teacher, AveragedModel):
             self.consistency_teacher.update_parameters(self.network)
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
