@@ -42,8 +42,9 @@ class AnomalyModule(L.LightningModule):
     β ramped linearly from ``beta_start`` to ``beta_end`` over ``beta_ramp_epochs``; with synthetic
     masks m (conditioned head, ``train.synthetic_anomalies``) the NCC is masked by 1 − m, β is
     weighted by 1 + α·m and a local anchor is added; with ``train.field_consistency_weight`` the
-    clean slice's field is trained too and the corrupted slice's field is tied to it, or with
-    ``train.consistency_teacher_decay`` to a mean teacher's clean field, see :meth:`compute_losses`].
+    clean slice's field is trained too and the corrupted slice's field is tied to it, or to a
+    teacher's clean field (``train.consistency_teacher_decay``: a mean teacher;
+    ``train.consistency_teacher_run``: a frozen trained run), see :meth:`compute_losses`].
     ``val/loss`` uses the *final* weights (β = ``beta_end``, registration on) at every epoch, so
     epochs are comparable and the best checkpoint is chosen on a fixed objective.
     """
@@ -102,7 +103,7 @@ class AnomalyModule(L.LightningModule):
         x; its NCC to x and smoothness are averaged with those of ``out`` (so the registration
         terms keep the weight they have for a single field), and
         ``train.field_consistency_weight``·mean over pixels of ‖d − d_clean‖² (pixels²) ties the
-        two fields, with gradient into both. ``consistency_target`` (mean-teacher tie, needs
+        two fields, with gradient into both. ``consistency_target`` (a teacher's tie, needs
         ``clean_branch``): the displacement ``(B, D, H, W)`` in pixels the corrupted field is tied
         to instead of the clean branch's, without gradient.
 
