@@ -267,6 +267,32 @@ def test_a_frozen_teacher_run_gives_the_target_and_never_moves(tiny_phantom, tin
     assert sum(p.numel() for p in network.parameters()) == sum(p.numel() for p in teacher_network.parameters())
 
 
+def test_finetuning_from_the_teacher_trains_the_velocity_head_only_and_keeps_the_teachers_prior(
+        tiny_phantom, tiny_calibrated_run, tmp_path):
+    """``train.finetune_from_teacher``: the run starts from the teacher's weights; after training
+    the prior (encoder, decoder, batch-norm statistics included) is the teacher's bit for bit, so x̂
+    is the teacher's, while the velocity head has moved."""
+    from anomorph.training import fit, load_run
+
+    teacher, _ = load_run(tiny_calibrated_run)
+    config = tiny_run_config(tiny_phantom, max_epochs=1, warmup_epochs=0, beta_ramp_epochs=0, synthetic_anomalies=True,
+                             field_consistency_weight=10.0, consistency_teacher_run=str(tiny_calibrated_run),
+                             finetune_from_teacher=True)
+    start = AnomalyModule(dataclasses.asdict(config))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in start.network.state_dict().items())
+    network, _ = load_run(fit(config, run_dir=tmp_path / "student"), "last")
+    prior = {k: v for k, v in network.state_dict().items() if k.startswith("prior.")}
+    assert prior and all(torch.equal(v, teacher.state_dict()[k]) for k, v in prior.items())
+    head = [k for k in network.state_dict() if k.startswith("velocity_head.") and "weight" in k]
+    assert head and any(not torch.equal(network.state_dict()[k], teacher.state_dict()[k]) for k in head)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(network(x).reconstruction, teacher(x).reconstruction)
+    with pytest.raises(ConfigError, match=r"train\.finetune_from_teacher"):
+        tiny_run_config(tiny_phantom, synthetic_anomalies=True, field_consistency_weight=1.0,
+                        finetune_from_teacher=True)
+
+
 def test_a_teacher_run_that_cannot_be_the_teacher_is_a_config_error_naming_the_key(tiny_phantom, tmp_path):
     from anomorph.training import fit
 

@@ -110,6 +110,12 @@ class TrainConfig:
         the tie can shrink. Not with ``consistency_teacher_decay``. A run trained with it needs the
         teacher run to resume (the teacher's weights are also in its checkpoints); ``load_run``,
         ``predict`` and ``evaluate`` use the network only. (configs/morphaeus_distilled.yaml.)
+    finetune_from_teacher: with ``consistency_teacher_run``, start from the teacher's weights and
+        train the velocity head only: the prior (encoder and decoder) is frozen and kept in eval
+        mode, so x̂ is the teacher's x̂ and the tie's target is a field for the same x̂ (a field
+        registers one particular x̂ to x; a student with its own prior cannot copy a teacher's
+        field without misregistering its own x̂). Use with ``warmup_epochs: 0`` (the warm-up
+        trains only the prior).
     synthetic_anomaly_mask: with ``synthetic_anomalies``, whether the registration loss uses m
         (default). False is the control that isolates the mask: the same corrupted slices, the
         field registering x̂ to them with the plain NCC and uniform β (it is then rewarded for
@@ -147,6 +153,7 @@ class TrainConfig:
     field_consistency_weight: float | None = None
     consistency_teacher_decay: float | None = None
     consistency_teacher_run: str | None = None
+    finetune_from_teacher: bool = False
 
 
 @dataclass
@@ -383,6 +390,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         if config.train.consistency_teacher_decay is not None:
             raise ConfigError("train.consistency_teacher_run: not with train.consistency_teacher_decay (a frozen "
                               "teacher or a mean teacher, not both); set one of them to null")
+    if config.train.finetune_from_teacher and config.train.consistency_teacher_run is None:
+        raise ConfigError("train.finetune_from_teacher: true needs train.consistency_teacher_run (the run whose "
+                          "weights it starts from)")
     if config.train.synthetic_anomalies and config.guidance.strategy == "conditioned":
         raise ConfigError("train.synthetic_anomalies: not with guidance.strategy 'conditioned', which trains "
                           "its own synthetic masks as the head's input; use one or the other")

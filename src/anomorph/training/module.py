@@ -55,6 +55,14 @@ class AnomalyModule(L.LightningModule):
         self.run_config = config_from_dict(config)
         self.network = build_network(network_options(self.run_config))
         self.consistency_teacher = self._build_teacher()
+        if self.run_config.train.finetune_from_teacher:  # start from the teacher, train the velocity head only
+            try:
+                self.network.load_state_dict(self.consistency_teacher.state_dict())
+            except RuntimeError as err:
+                raise ConfigError(f"train.finetune_from_teacher: the network of model.options does not match the "
+                                  f"teacher run {self.run_config.train.consistency_teacher_run}: "
+                                  f"{str(err).splitlines()[0]}") from None
+            self.network.prior.requires_grad_(False)
         self.figure_dir: Path | None = None
         # (epoch, images, output) of the latest validation's first batch, and the last epoch drawn
         self._figure_sample: tuple[int, torch.Tensor, ModelOutput] | None = None
@@ -249,6 +257,8 @@ class AnomalyModule(L.LightningModule):
 
     def training_step(self, batch: SliceBatch, batch_idx: int) -> torch.Tensor:
         batch = self.in_layout(batch)
+        if self.run_config.train.finetune_from_teacher:
+            self.network.prior.eval()  # frozen prior: x̂ stays the teacher's (no dropout, no batch-norm updates)
         beta = self.registration_weight(self.current_epoch)
         if self.run_config.guidance.strategy == "conditioned":
             out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
@@ -337,7 +347,7 @@ class AnomalyModule(L.LightningModule):
         rounding; ``benchmarks/throughput.py --train-variants`` compares the two in a whole
         training step."""
         t = self.run_config.train
-        params = list(self.network.parameters())
+        params = [p for p in self.network.parameters() if p.requires_grad]  # all but a frozen prior
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         flag = {"fused": True} if fused else {"foreach": True}
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **flag)
