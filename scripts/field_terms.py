@@ -137,20 +137,26 @@ def main() -> None:
              "healthy val slices).\n",
              "| row | run | " + " | ".join(label for _, label in TERMS) + " |", "|---|---|" + "---|" * len(TERMS)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis in axes:
+        axis.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 curves, each its own colour
     for row, label, run in runs:
         rows = read_training_log(run)
         values = last_values(rows)
         cells = ["—" if values[key] is None else f"{values[key]:.3g}" for key, _ in TERMS]
         lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
         if (row, label) in plotted:
-            warmup = load_config(run / "config.yaml").train.warmup_epochs  # no field before: ‖∇v‖² ≈ 0
+            train = load_config(run / "config.yaml").train
+            warmup = train.warmup_epochs  # no field before: ‖∇v‖² ≈ 0
+            # a run fine-tuned from its teacher continues after the teacher's epochs
+            start = (load_config(Path(train.consistency_teacher_run) / "config.yaml").train.max_epochs
+                     if train.finetune_from_teacher else 0)
             for axis, key in zip(axes, ("val/smooth", "val/residual")):
                 epochs, series = per_epoch(rows, key)
-                epochs, series = epochs[warmup:], series[warmup:]
+                epochs, series = [start + e for e in epochs[warmup:]], series[warmup:]
                 axis.plot(epochs, series, label=f"{row} ({label.replace('val search: ', '')})")
     for axis, (key, title) in zip(axes, (("val/smooth", "val ‖∇v‖² (healthy val slices)"),
                                          ("val/residual", "val |x − x̃| (healthy val slices)"))):
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("epoch (a fine-tuned run's after its teacher's)")
         axis.set_title(title, fontsize=10)
         axis.set_yscale("log" if key == "val/smooth" else "linear")
     axes[1].legend(fontsize=6, loc="upper right")

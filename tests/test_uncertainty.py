@@ -695,3 +695,34 @@ def test_combination_spelling_errors_and_unfitted_use():
     outer = {**part0, **{f"estimator.part0.{key}": value for key, value in part0.items()}}
     with pytest.raises(ConfigError, match="part 1"):  # a saved state without the second part's statistics
         HealthyNormaliser.from_state(combined, outer)
+
+
+def test_field_disagreement_is_the_norm_of_the_two_fields_difference():
+    """Brute force: ‖d − d_tied‖ per pixel from the two networks' own passes; zero against a copy
+    of the scored network; the extras are the scored network's unguided pass (its reconstruction
+    and velocity, where a test-time strategy starts)."""
+    import copy
+
+    from anomorph.errors import ConfigError
+    from anomorph.uncertainty.estimators import FieldDisagreementEstimator
+
+    torch.manual_seed(0)
+    network = morphaeus().eval()
+    tied = copy.deepcopy(network)
+    with torch.no_grad():
+        for p in tied.velocity_head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    estimator = build_estimator("field_disagreement", tied=tied)
+    result = estimator(network, x)
+    with torch.no_grad():
+        expected = (network(x).displacement - tied(x).displacement).norm(dim=1, keepdim=True)
+        plain = network(x)
+    torch.testing.assert_close(result.raw, expected)
+    assert float(expected.max()) > 0
+    torch.testing.assert_close(result.extras["reconstruction"], plain.reconstruction)
+    torch.testing.assert_close(result.extras["velocity"], plain.velocity)
+    same = FieldDisagreementEstimator(tied=copy.deepcopy(network))(network, x)
+    assert float(same.raw.abs().max()) == 0.0
+    with pytest.raises(ConfigError, match="field_disagreement: give tied_run"):
+        build_estimator("field_disagreement")

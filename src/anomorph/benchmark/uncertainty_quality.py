@@ -194,7 +194,10 @@ def quality_markdown(rows: list[dict[str, Any]], tau: float, chosen: dict[str, A
     lines = [f"Val split of seed {chosen['seed']} (normalisers fitted on the calibration subjects; metrics on the "
              "other val subjects; per kind: that kind's lesion subjects with the healthy ones; rows marked "
              f"(raw u) are not normalised: their false alarms count u ≥ {raw_tau:g} and they gate with the "
-             f"val-chosen values of `{RAW_GATING}`)\n",
+             f"val-chosen values of `{RAW_GATING}`)"
+             + ("" if "gating" in chosen.get("guidance", {}) else
+                "; this study has no `gating` row, so the false alarms and the gating column use the run "
+                "config's gating values, chosen by nobody") + "\n",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in rows:
         if r["group"] != "overall":

@@ -12,12 +12,13 @@ name               raw map                                                     u
 ``deformation``    |log det Jφ| or ‖d‖ of the unguided registration             — / pixels
 ``warped_residual``  registered residual |x − x̃| of the unguided registration  intensity
 ``noncorrespondence``  −log(1 − p), p = learned head's P(no healthy counterpart)  nats
+``field_disagreement``  ‖d − d_tied‖ against a head fine-tuned not to follow anomalies  pixels
 ``RULE(a,b,...)``  max / mean / min of the parts' healthy z-scores              healthy SDs
 =================  ==========================================================  ==============
 
 Intensities are those of the [0, 1] model-grid images; for C > 1 channels the raw map is the
 root mean square over channels. The first six never read the registration's result. The last
-three describe the *unguided* registration (φ, |x − x̃|, or a head reading x̃): they depend on φ, so they may only
+four describe the *unguided* registration (φ, |x − x̃|, or a head reading x̃): they depend on φ, so they may only
 guide a second registration at inference (every guided strategy registers again), never a
 training loss (SPEC §3 pitfalls). A combination (:mod:`.combined`) depends on φ when any part does.
 """
@@ -830,6 +831,57 @@ class NonCorrespondenceEstimator(UncertaintyEstimator):
                                                       "velocity": out.velocity}
 
 
+class FieldDisagreementEstimator(UncertaintyEstimator):
+    """Where the unguided field does what a field trained not to follow anomalies refuses to do.
+
+    The raw map is ‖d − d_tied‖ (pixels): the displacement of the scored network's own unguided
+    registration against that of a *tied* network — a copy of it whose velocity head was
+    fine-tuned, prior frozen, to give slices with synthetic anomalies the clean slice's field
+    (``train.finetune_from_teacher`` with the scored run as ``consistency_teacher_run``,
+    configs/morphaeus_distilled.yaml). Both register the same x̂ to the same x; on healthy tissue
+    they agree, where the unguided field follows an anomaly the tied one does not. A u that does
+    not come from an intensity residual. With a tied network that does not share the scored
+    network's prior, the map also holds the difference of the two priors' registrations. Options:
+    ``tied_run`` (the tied run's directory) or ``tied`` (a network). Depends on φ: inference
+    only. Cost: two full passes. ``scale`` default 0.5 pixel.
+    """
+
+    name = "field_disagreement"
+    units = "pixels"
+    default_scale = 0.5
+
+    def __init__(self, tied_run: str | Path | None = None, tied: nn.Module | None = None, seed: int = 0,
+                 scale: float | None = None) -> None:
+        super().__init__(seed, scale)
+        if tied is None and tied_run is None:
+            raise ConfigError("field_disagreement: give tied_run=RUN (a run fine-tuned with "
+                              "train.finetune_from_teacher from the scored run) or tied=network")
+        self.tied_run = None if tied_run is None else Path(tied_run)
+        self._tied = tied
+
+    @property
+    def tied(self) -> nn.Module:
+        if self._tied is None:
+            from ..runs import load_run
+
+            self._tied = load_run(self.tied_run)[0]
+        return self._tied
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "tied_run": None if self.tied_run is None else str(self.tied_run)}
+
+    def estimate(self, network, images, generator):
+        _require_deformable(self.name, network, "a field to compare")
+        tied = self.tied.to(images.device)
+        _require_deformable(self.name, tied, "the tied field")
+        out = network(images)
+        with eval_mode(tied):
+            tied_displacement = tied(images).displacement
+        raw = (out.displacement - tied_displacement).norm(dim=1, keepdim=True)
+        return raw, {"reconstruction": out.reconstruction, "velocity": out.velocity,
+                     "tied_displacement": tied_displacement}
+
+
 # ----------------------------------------------------------------------------- factory
 ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
     "mc_dropout": MCDropoutEstimator,
@@ -841,6 +893,7 @@ ESTIMATORS: dict[str, type[UncertaintyEstimator]] = {
     "deformation": DeformationAtypicalityEstimator,
     "warped_residual": WarpedResidualEstimator,
     "noncorrespondence": NonCorrespondenceEstimator,
+    "field_disagreement": FieldDisagreementEstimator,
 }
 
 
@@ -861,7 +914,7 @@ def estimator_options(name: str) -> tuple[str, ...]:
 def build_estimator(name: str, **options: Any) -> UncertaintyEstimator:
     """An estimator by name (``mc_dropout``, ``ensemble``, ``tta``, ``aleatoric``,
     ``registration``, ``residual_z``, ``deformation``, ``warped_residual``,
-    ``noncorrespondence``, or a combination ``max|mean|min(NAME,NAME,...)`` of them) with its
+    ``noncorrespondence``, ``field_disagreement``, or a combination ``max|mean|min(NAME,NAME,...)`` of them) with its
     keyword options; unknown options are an error that lists the accepted ones. A combination's
     parts get their default options, plus ``seed`` and ``run_dir`` where they accept them."""
     combination = parse_combination(name)
