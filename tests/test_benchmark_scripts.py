@@ -184,3 +184,23 @@ def test_field_terms_averages_the_overall_displacement_rows_over_seeds(tmp_path)
     rows = terms.displacement_rows(tmp_path, "phantom", [0, 1, 2])
     assert [(m, n) for m, _, _, n in rows] == [("a", 2), ("b", 1)]
     assert rows[0][1:3] == pytest.approx((0.5, 0.3)) and rows[1][1:3] == pytest.approx((0.3, 0.3))
+
+
+def test_u_quality_splits_puts_each_estimators_val_and_test_rows_side_by_side():
+    splits = load("u_quality_splits", SCRIPTS)
+
+    def row(estimator, group, auroc, auprc, alarms=None):
+        return {"estimator": estimator, "group": group, "u_auroc": auroc, "u_auprc": auprc,
+                "healthy_false_alarm": alarms}
+
+    rows = {"val": [row("a", "overall", 0.9, 0.5, 0.01), row("a", "csf_like", 0.95, 0.7),
+                    row("b", "overall", 0.8, 0.4, 0.02), row("b", "large", 0.7, 0.3)],
+            "test": [row("a", "overall", 0.7, 0.1, 0.03), row("a", "csf_like", 0.6, 0.05),
+                     row("b", "overall", 0.75, 0.2, 0.02)]}
+    lines = splits.split_table(rows)
+    assert lines[0] == ("| estimator | split | u AUROC | u AUPRC | healthy false alarms | "
+                        "u AUROC / AUPRC: csf_like | u AUROC / AUPRC: large |")
+    assert lines[2:] == ["| a | val | 0.900 | 0.500 | 0.010 | 0.950 / 0.700 | — |",
+                         "| a | test | 0.700 | 0.100 | 0.030 | 0.600 / 0.050 | — |",
+                         "| b | val | 0.800 | 0.400 | 0.020 | — | 0.700 / 0.300 |",
+                         "| b | test | 0.750 | 0.200 | 0.020 | — | — |"]
