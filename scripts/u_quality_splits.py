@@ -6,10 +6,12 @@ An analysis of a finished study (it chooses nothing): the estimators of the yaml
 ``uncertainty_quality`` section, measured exactly as the benchmark's u-quality table measures them
 (:func:`anomorph.benchmark.uncertainty_quality.quality_rows`: healthy normalisers fitted on the val
 calibration subjects, u AUROC / AUPRC of the healthy z-score over brain pixels, healthy false
-alarms at the gating threshold), on the val-chosen run of the reference method of the selection
-seed — once on the val split (the benchmark's own table) and once on the **test** split of the
-same seed. The u-quality table is measured on val only; a u whose val figures do not carry to
-test is not established. Writes ``--out`` (Markdown) and the ``--marker`` pair of ``--doc``.
+alarms at the gating threshold), on the run of the reference method of each seed — once on
+the val split (for the selection seed, the benchmark's own table) and once on the **test** split of
+the same seed. The u-quality table is measured on val of the selection seed only; a u whose val
+figures do not carry to test, or to other seeds, is not established. ``--tied-method``: for every
+seed, the ``field_disagreement`` specs get that method's run of the same seed as ``tied_run``.
+Writes ``--out`` (Markdown) and the ``--marker`` pair of ``--doc``.
 """
 from __future__ import annotations
 
@@ -23,9 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from update_results import publish  # noqa: E402
 
 
+def with_tied_run(specs: list[dict], tied_run: str | None) -> list[dict]:
+    """``specs`` with ``options.tied_run`` of every ``field_disagreement`` spec set to ``tied_run``
+    (unchanged when it is None); the label of a spec then names its estimator without the path."""
+    if tied_run is None:
+        return specs
+    return [{**spec, "options": {**spec.get("options", {}), "tied_run": str(tied_run)}}
+            if spec.get("name") == "field_disagreement" else spec for spec in specs]
+
+
 def split_table(rows_by_split: dict[str, list[dict]]) -> list[str]:
     """Markdown rows: one per (estimator, split), overall u AUROC / AUPRC, false alarms, then
-    u AUROC / AUPRC per lesion kind (kinds in first-seen order)."""
+    u AUROC / AUPRC per lesion kind (kinds in first-seen order). Splits are labels such as
+    "val" or "seed 1 test"."""
     def cell(value) -> str:
         return "—" if value is None else f"{value:.3f}"
 
@@ -53,9 +65,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/phantom_teacher/u_quality_splits.md"))
     parser.add_argument("--doc", type=Path, default=Path("docs/uncertainty.md"))
     parser.add_argument("--marker", default="teacher-usplits", help="the doc's marker pair to fill")
+    parser.add_argument("--tied-method", default=None, help="the method whose run of each seed is field_disagreement's tied_run")
     args = parser.parse_args()
 
-    from anomorph.benchmark.runner import ensure_dataset, load_benchmark_config
+    from anomorph.benchmark.aggregate import dataset_seeds
+    from anomorph.benchmark.runner import ensure_dataset, load_benchmark_config, seed_runs
     from anomorph.benchmark.uncertainty_quality import gating_guidance, quality_rows
     from anomorph.evaluation.evaluate import EvaluationData
     from anomorph.training import load_run
@@ -64,20 +78,30 @@ def main() -> None:
     config = load_benchmark_config(args.config)
     dataset = next(d for d in config.datasets if d.name == args.dataset)
     chosen = json.loads((args.results / args.dataset / "selection" / "chosen.json").read_text())
-    run_dir = chosen["runs"][config.reference]
-    network, run_config = load_run(run_dir)
-    data = EvaluationData.load(ensure_dataset(dataset, chosen["seed"]), slice_config(run_config.data),
-                               config.calibration_fraction)
-    guidance, raw_guidance = gating_guidance(run_config, chosen)
-    rows_by_split = {}
-    for split in ("val", "test"):
-        measured = data if split == "val" else dataclasses.replace(data, val=data.test)
-        rows_by_split[split] = quality_rows(config.uncertainty_quality, network, run_config, run_dir, measured,
-                                            guidance, raw_guidance, chosen["seed"], config.batch_size)[0]
+    rows_by_split: dict[str, list[dict]] = {}
+    threshold = None
+    for seed in dataset_seeds(config, dataset):
+        runs = seed_runs(config, dataset, seed, chosen)
+        run_dir = runs[config.reference][0]
+        tied = runs[args.tied_method][0] if args.tied_method else None
+        specs = with_tied_run(config.uncertainty_quality, tied)
+        network, run_config = load_run(run_dir)
+        data = EvaluationData.load(ensure_dataset(dataset, seed), slice_config(run_config.data),
+                                   config.calibration_fraction)
+        guidance, raw_guidance = gating_guidance(run_config, chosen)
+        threshold = guidance.threshold
+        for split in ("val", "test"):
+            measured = data if split == "val" else dataclasses.replace(data, val=data.test)
+            rows = quality_rows(specs, network, run_config, run_dir, measured, guidance, raw_guidance, seed,
+                                config.batch_size)[0]
+            for row in rows:  # one label per estimator across seeds: the tied run is in the split label
+                row["estimator"] = row["estimator"].split("[tied_run=")[0]
+            rows_by_split[f"seed {seed} {split}"] = rows
     command = " ".join(["python scripts/u_quality_splits.py", *sys.argv[1:]])
-    header = (f"Generated by `{command}` (seed {chosen['seed']}, run `{run_dir}`; normalisers fitted on the val "
-              f"calibration subjects; val: the other val subjects, as the u-quality table; test: the test split of "
-              f"the same seed; healthy false alarms at z ≥ {guidance.threshold:g}).\n")
+    header = (f"Generated by `{command}` (runs of `{config.reference}` per seed"
+              + (f", field_disagreement tied to `{args.tied_method}` of the same seed" if args.tied_method else "")
+              + f"; normalisers fitted on each seed's val calibration subjects; val: the other val subjects, as the "
+              f"u-quality table; test: the test split of the same seed; healthy false alarms at z ≥ {threshold:g}).\n")
     publish("\n".join([header, *split_table(rows_by_split)]), args.out, args.doc, args.marker)
 
 

@@ -204,3 +204,14 @@ def test_u_quality_splits_puts_each_estimators_val_and_test_rows_side_by_side():
                          "| a | test | 0.700 | 0.100 | 0.030 | 0.600 / 0.050 | — |",
                          "| b | val | 0.800 | 0.400 | 0.020 | — | 0.700 / 0.300 |",
                          "| b | test | 0.750 | 0.200 | 0.020 | — | — |"]
+
+
+def test_u_quality_splits_ties_only_the_field_disagreement_specs_to_the_seeds_run():
+    splits = load("u_quality_splits", SCRIPTS)
+    specs = [{"name": "warped_residual"},
+             {"name": "field_disagreement", "options": {"tied_run": "runs/seed0/distilled", "seed": 3}}]
+    tied = splits.with_tied_run(specs, "runs/seed1/distilled")
+    assert tied[0] == {"name": "warped_residual"}
+    assert tied[1] == {"name": "field_disagreement", "options": {"tied_run": "runs/seed1/distilled", "seed": 3}}
+    assert specs[1]["options"]["tied_run"] == "runs/seed0/distilled"  # the yaml's specs are not changed
+    assert splits.with_tied_run(specs, None) is specs
