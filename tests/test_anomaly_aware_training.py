@@ -188,6 +188,8 @@ def test_mean_teacher_tie_targets_the_teachers_clean_field_and_trains_only_the_c
     torch.testing.assert_close(teacher, expected)
     torch.testing.assert_close(module.teacher_displacement(x), expected)
     assert not teacher.requires_grad and clean_branch is not None
+    # during the warm-up (registration off, no tie) the teacher's pass is skipped
+    assert module.anomaly_aware_forward(x, brain, registration=False).teacher_displacement is None
     terms = module.compute_losses(x, out, 0.1, guidance=m, registration_target=corrupted, clean_branch=clean_branch,
                                   consistency_target=teacher)
     per_slice = (out.displacement - expected).pow(2).sum(1).flatten(1).mean(1)

@@ -555,7 +555,7 @@ def run_benchmark(config: BenchmarkConfig, stages: dict[str, float] | None = Non
             methods = {m.name: m for m in config.methods}
             for name, (run_dir, extra) in seed_runs(config, dataset, seed, chosen).items():
                 method = methods[name]
-                teacher = teacher_overrides(method, runs.get(method.teacher)) if method.teacher else []
+                teacher = teacher_overrides(method, runs.get(method.teacher))
                 runs[name] = timed(f"train {name}", train_method, method.config,
                                    method_overrides(config, method, manifest, seed) + teacher + extra, run_dir)
                 timed("train heads", ensure_head, config, name, runs[name])

@@ -223,7 +223,8 @@ class AnomalyModule(L.LightningModule):
         x_head = paste_intensity(x, m, generator, g.paste_probability)
         return self.split_forward(x, x_head, guidance=m), m, x_head
 
-    def anomaly_aware_forward(self, x: torch.Tensor, brain_mask: torch.Tensor) -> AwareForward:
+    def anomaly_aware_forward(self, x: torch.Tensor, brain_mask: torch.Tensor,
+                              registration: bool = True) -> AwareForward:
         """Training forward of ``train.synthetic_anomalies``: x with synthetic anomalies
         (:func:`~anomorph.guidance.masks.synthetic_corruption`; a share 1 − mask_probability of
         the slices left clean) goes to the field; x̂ is computed from the clean x. Returns
@@ -231,12 +232,13 @@ class AnomalyModule(L.LightningModule):
         corruption changed; the clean output (the same network registering x̂ to the clean x, in
         the graph) only when ``train.field_consistency_weight`` is set, else None; with
         a teacher (``train.consistency_teacher_decay`` or ``_run``) also its displacement of the clean x
-        (eval mode, no gradient), else None."""
+        (eval mode, no gradient), else None — and None while ``registration`` is False (the warm-up,
+        when the tie is off: the teacher's pass would be wasted)."""
         g, t = self.run_config.guidance, self.run_config.train
         corrupted, m = synthetic_corruption(x, self._step_generator(), brain_mask, t.synthetic_max_blobs,
                                             tuple(t.synthetic_radius_range), empty_probability=1.0 - g.mask_probability)
         out, clean = self._split_forward(x, corrupted, None, clean_field=t.field_consistency_weight is not None)
-        return AwareForward(out, m, corrupted, clean, self.teacher_displacement(x))
+        return AwareForward(out, m, corrupted, clean, self.teacher_displacement(x) if registration else None)
 
     def teacher_displacement(self, x: torch.Tensor) -> torch.Tensor | None:
         """The teacher's displacement ``(B, D, H, W)`` (pixels) of ``x``: its own prior and field,
@@ -264,7 +266,8 @@ class AnomalyModule(L.LightningModule):
             out, m, x_head = self.conditioned_forward(batch.image, batch.brain_mask)
             terms = self.compute_losses(batch.image, out, beta, guidance=m, registration_target=x_head)
         elif self.run_config.train.synthetic_anomalies:
-            out, m, corrupted, clean, teacher = self.anomaly_aware_forward(batch.image, batch.brain_mask)
+            out, m, corrupted, clean, teacher = self.anomaly_aware_forward(batch.image, batch.brain_mask,
+                                                                           registration=beta is not None)
             held = m if self.run_config.train.synthetic_anomaly_mask else None
             terms = self.compute_losses(batch.image, out, beta, guidance=held, registration_target=corrupted,
                                         clean_branch=clean, consistency_target=teacher)
